@@ -1,0 +1,13 @@
+"""Registry of demos: `mgr run <name>` imports the module lazily and uses its `DEMO`."""
+
+from __future__ import annotations
+
+import importlib
+
+REGISTRY: dict[str, str] = {
+    "matrix-gauge": "demos.matrix_gauge",
+}
+
+
+def load(name: str):
+    return importlib.import_module(REGISTRY[name]).DEMO

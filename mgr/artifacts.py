@@ -1,0 +1,86 @@
+"""The run directory: artifacts/<kind>/<topic>/<run_id>/{summary.json, run.md, metrics.jsonl, config.json, plots/}.
+
+Every file but the streamed metrics is written atomically (temp file + rename), and a run directory that already
+exists is never reused, so a crash or a second run can never leave a half-written or mixed-up record.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mgr.errors import UserError
+from mgr.results import to_jsonable
+
+SCHEMA_VERSION = "mgr.telemetry.v1"
+STATUSES = ("completed", "interrupted", "diverged", "failed")
+
+
+def default_run_id() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e.__class__.__name__})") from None
+
+
+class RunWriter:
+    """Owns one run directory; creating it fails if it exists."""
+
+    def __init__(self, root: str | os.PathLike, kind: str, topic: str, run_id: str):
+        for label, part in (("kind", kind), ("topic", topic), ("run id", run_id)):
+            if not part or "/" in part or part in (".", ".."):
+                raise UserError(f"invalid {label} {part!r} for the run directory")
+        self.run_dir = Path(root) / kind / topic / run_id
+        try:
+            self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.run_dir.mkdir()
+        except FileExistsError:
+            raise UserError(f"run directory {self.run_dir} already exists; pass another --run-id") from None
+        except OSError as e:
+            raise UserError(f"cannot create run directory {self.run_dir}: {e.strerror}") from None
+        self.plots_dir = self.run_dir / "plots"
+        self.plots_dir.mkdir()
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8", buffering=1)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps(to_jsonable(record), allow_nan=False) + "\n")
+
+    def write_json(self, name: str, obj: Any) -> None:
+        atomic_write_json(self.run_dir / name, obj)
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write_text(self.run_dir / name, text)
+
+    def plot_path(self, name: str) -> Path:
+        return self.plots_dir / name
+
+    def close(self) -> None:
+        self._metrics.close()

@@ -1,0 +1,171 @@
+"""The `mgr` command: list demos, run one under a budget, show a run, compare two runs."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from mgr.errors import UserError
+
+DEVICES = ("auto", "cpu", "gpu")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; we print only the error, on one line, and exit 2."""
+
+    def error(self, message: str):
+        raise UserError(message)
+
+
+def _positive_int():
+    def parse(text: str) -> int:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}") from None
+        if value != int(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+        return int(value)
+    return parse
+
+
+def _positive_float():
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+        return value
+    return parse
+
+
+def _non_negative_int():
+    def parse(text: str) -> int:
+        if not text.isdigit():
+            raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+        return int(text)
+    return parse
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags every run shares: budget, seed, artifacts, device."""
+    b = parser.add_argument_group("budget (the run stops at the first one reached)")
+    b.add_argument("--max-iterations", type=_positive_int(), help="training steps per variant")
+    b.add_argument("--target-flops", type=_positive_float(),
+                   help="FLOPs per variant; steps = ceil(F / measured FLOPs per step)")
+    b.add_argument("--time-budget", type=_positive_float(),
+                   help="seconds of training per variant (compilation and eval excluded)")
+    b.add_argument("--warmup-steps", type=_non_negative_int(), default=1,
+                   help="steps excluded from throughput figures, not from the budget (default: 1)")
+    r = parser.add_argument_group("run")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--artifacts-dir", default="artifacts")
+    r.add_argument("--artifacts-kind", help="override the demo's kind (first directory level)")
+    r.add_argument("--artifacts-topic", help="override the demo's topic (second directory level)")
+    r.add_argument("--run-id", help="run directory name (default: YYYYMMDD_HHMMSS)")
+    r.add_argument("--device", choices=DEVICES, default="auto", help="JAX platform (default: auto)")
+
+
+def select_device(device: str) -> None:
+    import jax
+    if device == "auto":
+        return
+    platform = {"cpu": "cpu", "gpu": "cuda"}[device]
+    jax.config.update("jax_platforms", platform)
+    try:
+        jax.devices()
+    except RuntimeError:
+        raise UserError(f"--device {device}: no {device.upper()} backend is available") from None
+
+
+def _resolve_demo(name: str):
+    from demos import REGISTRY, load
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, REGISTRY, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UserError(f"unknown demo {name!r}; {hint}see `mgr list`")
+    return load(name)
+
+
+def run_demo(name: str, argv: list[str], prog: str = "mgr run") -> int:
+    """`mgr run <name> ...`; also the entry point of `python -m nanochat.train`."""
+    from mgr.budget import Budget
+    from mgr.flags import add_config_flags, config_from_args
+    from mgr.launcher import launch
+    from mgr.artifacts import default_run_id
+
+    demo = _resolve_demo(name)
+    parser = OneLineParser(prog=f"{prog} {name}" if prog == "mgr run" else prog, description=demo.description)
+    add_config_flags(parser, demo.config)
+    add_run_flags(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(demo.config, args)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"invalid options for {name}: {e}") from None
+    budget = Budget(max_iterations=args.max_iterations, target_flops=args.target_flops,
+                    time_budget=args.time_budget, warmup_steps=args.warmup_steps)
+    select_device(args.device)
+    code, _ = launch(demo, config, budget=budget, seed=args.seed, artifacts_dir=args.artifacts_dir,
+                     run_id=args.run_id or default_run_id(), kind=args.artifacts_kind, topic=args.artifacts_topic,
+                     argv=[Path(sys.argv[0]).name, *sys.argv[1:]])
+    return code
+
+
+def _list() -> int:
+    from demos import REGISTRY, load
+    console = Console()
+    for name in REGISTRY:
+        console.print(f"[bold]{name:<26}[/bold] {load(name).description}", highlight=False)
+    return 0
+
+
+def _show(run_dir: str) -> int:
+    from mgr.artifacts import read_json
+    from mgr.launcher import print_summary
+    print_summary(read_json(Path(run_dir) / "summary.json"), Console())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = OneLineParser(prog="mgr", description="Time-to-quality research harness.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    sub.add_parser("list", help="list demos")
+    run = sub.add_parser("run", help="run a demo under a budget (mgr run <demo> --help for its options)",
+                         add_help=False)
+    run.add_argument("demo")
+    show = sub.add_parser("show", help="print a run's tables again")
+    show.add_argument("run_dir")
+    cmp = sub.add_parser("compare", help="compare two runs metric by metric")
+    from mgr.compare import add_compare_flags
+    add_compare_flags(cmp)
+    try:
+        if argv[:1] == ["run"] and len(argv) >= 2 and not argv[1].startswith("-"):
+            return run_demo(argv[1], argv[2:])
+        args = parser.parse_args(argv)
+        if args.command == "list":
+            return _list()
+        if args.command == "show":
+            return _show(args.run_dir)
+        if args.command == "compare":
+            from mgr.compare import compare_runs
+            return compare_runs(args, Console())
+        parser.error("mgr run needs a demo name; see `mgr list`")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""What the launcher hands a demo: seed, budget, run directory, and the one training loop that enforces the budget.
+
+Demos never write their own loop. ``RunContext.train`` compiles the step once (ahead of time, so the FLOPs the
+budget is planned with are the FLOPs of the very executable that runs), then steps without a host sync: the
+metrics of step s are read while step s+1 is already queued, which is also when the loss is checked for NaN/inf
+and the budget consulted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Hashable
+
+import jax
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mgr.artifacts import RunWriter
+from mgr.budget import Budget, BudgetTracker
+from mgr.errors import Diverged
+from mgr.flops import FlopsRecord, compile_and_count
+from mgr.meta import peak_memory_gb
+from mgr.timing import Timing
+
+StepFn = Callable[[Any, Any], tuple[Any, dict]]
+
+# CPU cannot donate buffers; the warning would fire on every compiled step and says nothing actionable.
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: Any
+    steps: int
+    stopped_by: str | None
+    flops_per_step: float
+    spent_flops: float
+    step_ms: Timing
+    wall_s: float
+    losses: list
+    evals: list[tuple[int, dict]]
+    variant_steps: dict[str, int]
+    final_metrics: dict
+    flops_records: dict[str, FlopsRecord]
+
+    @property
+    def final_loss(self) -> Any:
+        return self.losses[-1] if self.losses else None
+
+    @property
+    def tflops_per_s(self) -> float | None:
+        """Achieved throughput from the estimator's FLOPs and the median step time (warm-up excluded)."""
+        if not self.steps or not np.isfinite(self.step_ms.median_ms) or self.step_ms.median_ms <= 0:
+            return None
+        return (self.spent_flops / self.steps) / (self.step_ms.median_ms * 1e-3) / 1e12
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "stopped_by": self.stopped_by,
+            "final_loss": _mean_if_vector(self.final_loss),
+            "flops_per_step": self.flops_per_step,
+            "spent_flops": self.spent_flops,
+            "step_ms": self.step_ms.to_dict(),
+            "tflops_per_s": self.tflops_per_s,
+            "wall_s": self.wall_s,
+            "variant_steps": self.variant_steps,
+            "flops": {k: r.to_dict() for k, r in self.flops_records.items()},
+        }
+
+
+def _mean_if_vector(x: Any) -> Any:
+    return float(np.mean(x)) if isinstance(x, (list, np.ndarray)) else x
+
+
+def _host(metrics: dict) -> dict:
+    return {k: (np.asarray(v).item() if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in metrics.items()}
+
+
+def _copy_tree(tree: Any) -> Any:
+    # The loop donates its state; copying once keeps the caller's arrays (e.g. a shared init) alive.
+    return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
+
+
+class RunContext:
+    def __init__(self, *, seed: int, budget: Budget, writer: RunWriter, console: Console | None = None):
+        self.seed = seed
+        self.rng = jax.random.key(seed)
+        self.budget = budget
+        self.writer = writer
+        self.console = console or Console(stderr=True)
+        self.budget_records: dict[str, dict] = {}
+        self.train_summaries: dict[str, dict] = {}
+
+    @property
+    def run_dir(self) -> Path:
+        return self.writer.run_dir
+
+    def plot_path(self, name: str) -> Path:
+        return self.writer.plot_path(name)
+
+    def log(self, record: dict) -> None:
+        self.writer.log(record)
+
+    def train(self, name: str, step_fn: StepFn | dict[Hashable, StepFn], state: Any,
+              batch_fn: Callable[[int], Any], *, eval_fn: Callable[[Any], dict] | None = None,
+              eval_every: int = 0, choose: Callable[[int, dict | None], Hashable] | None = None) -> TrainResult:
+        """Train ``state`` with ``step_fn`` until the run's budget is spent; see the module docstring."""
+        if name in self.budget_records:
+            raise ValueError(f"variant {name!r} trained twice in one run")
+        variants = step_fn if isinstance(step_fn, dict) else {None: step_fn}
+        if choose is None and len(variants) > 1:
+            raise ValueError("several step variants need a `choose` function")
+        compiled: dict[Hashable, tuple[Any, FlopsRecord]] = {}
+
+        def executable(key, st, batch):
+            if key not in compiled:
+                fn = jax.jit(variants[key], donate_argnums=0)
+                record, exe = compile_and_count(fn, st, batch)
+                compiled[key] = (exe, record)
+            return compiled[key]
+
+        state = _copy_tree(state)
+        first_key = choose(0, None) if choose else None
+        batch = batch_fn(0)
+        _, first_record = executable(first_key, state, batch)
+        tracker = BudgetTracker(self.budget, first_record.flops)
+        self.budget_records[name] = tracker.record()
+        jit_eval = jax.jit(eval_fn) if eval_fn is not None else None
+
+        losses: list = []
+        evals: list[tuple[int, dict]] = []
+        ready_times: list[float | None] = []
+        variant_steps: dict[str, int] = {}
+        last: dict | None = None
+        pending: tuple[int, dict] | None = None
+        paused_s = 0.0
+        start = time.perf_counter()
+
+        def read(pending_step: int, metrics: dict) -> dict:
+            host = _host(metrics)
+            ready_times.append(time.perf_counter())
+            loss = np.asarray(host["loss"], dtype=np.float64)
+            losses.append(host["loss"])
+            self.writer.log({"variant": name, "step": pending_step, **host})
+            if not np.all(np.isfinite(loss)):
+                raise Diverged(f"{name}: non-finite loss at step {pending_step}")
+            return host
+
+        def run_eval(at_step: int) -> None:
+            nonlocal paused_s
+            t0 = time.perf_counter()
+            result = _host(jit_eval(state))
+            evals.append((at_step, result))
+            self.writer.log({"variant": name, "step": at_step, "eval": result})
+            paused_s += time.perf_counter() - t0
+            ready_times.append(None)  # the interval spanning an eval is not a step time
+
+        progress = Progress(TextColumn(f"[bold]{name}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=self.console,
+                            transient=True, disable=not self.console.is_terminal)
+        task = progress.add_task(name, total=tracker.max_steps, loss="—")
+        step = 0
+        try:
+            with progress:
+                while True:
+                    elapsed = time.perf_counter() - start - paused_s
+                    tracker.stopped_by = tracker.stop_reason(elapsed)
+                    if tracker.stopped_by:
+                        break
+                    key = choose(step, last) if choose else None
+                    if step > 0:
+                        batch = batch_fn(step)
+                    exe, record = executable(key, state, batch)
+                    state, metrics = exe(state, batch)
+                    tracker.charge(record.flops)
+                    label = name if key is None else str(key)
+                    variant_steps[label] = variant_steps.get(label, 0) + 1
+                    if pending is not None:
+                        last = read(*pending)
+                        progress.update(task, advance=1, loss=f"{np.mean(last['loss']):.4f}")
+                    pending = (step, metrics)
+                    step += 1
+                    if jit_eval is not None and eval_every > 0 and step % eval_every == 0:
+                        last = read(*pending)
+                        pending = None
+                        run_eval(step)
+                if pending is not None:
+                    last = read(*pending)
+                if jit_eval is not None and (not evals or evals[-1][0] != step):
+                    run_eval(step)
+        except (KeyboardInterrupt, Diverged) as exc:
+            tracker.stopped_by = "interrupted" if isinstance(exc, KeyboardInterrupt) else "diverged"
+            raise
+        finally:
+            wall = time.perf_counter() - start - paused_s
+            self.budget_records[name] = tracker.record()
+            result = TrainResult(
+                state=state, steps=tracker.steps, stopped_by=tracker.stopped_by,
+                flops_per_step=first_record.flops, spent_flops=tracker.spent_flops,
+                step_ms=self._step_times(ready_times), wall_s=wall, losses=losses, evals=evals,
+                variant_steps=variant_steps, final_metrics=last or {},
+                flops_records={name if k is None else str(k): r for k, (_, r) in compiled.items()})
+            self.train_summaries[name] = {**result.summary(), "peak_memory_gb": peak_memory_gb()}
+        return result
+
+    def _step_times(self, ready_times: list[float | None]) -> Timing:
+        """Intervals between consecutive metric reads, skipping warm-up steps and intervals that span an eval."""
+        samples = [(b - a) * 1e3 for i, (a, b) in enumerate(zip(ready_times, ready_times[1:]))
+                   if a is not None and b is not None and i + 1 >= max(self.budget.warmup_steps, 1)]
+        return Timing.from_samples(samples)

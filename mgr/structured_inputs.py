@@ -1,0 +1,179 @@
+"""Seeded weights and activations that look like a trained transformer layer's, for approximation benches.
+
+Random Gaussian weights have a flat singular spectrum, on which every low-rank method looks equally bad, and
+isotropic activations make data-aware methods pointless. Trained layers have neither property, so:
+  * weights: W = U diag(s) Vᵀ with random orthogonal U, V (QR of Gaussians) and a decaying spectrum,
+    "power": s_i ∝ (i+1)^-alpha, or "exp": s_i ∝ exp(-alpha·i/k) (alpha = e-folds across all k values);
+    scaled so ||W||_F² = d_out (unit-variance outputs for unit-variance isotropic inputs);
+  * activations: X = Z diag(sqrt(λ)) Qᵀ with covariance eigenvalues λ_i ∝ (i+1)^-beta (mean 1) in a random
+    basis Q; Z is Gaussian or unit-variance Student-t (heavy tails), and a few "outlier" channels are scaled
+    up after the rotation, like the massive-activation channels of real LLMs;
+  * MLP (relu², as nanochat): W1 (d x h), W2 (h x d) as above, with a log-normal gain per hidden neuron on W2's
+    rows, because trained MLPs have very unequal neurons, which is what makes neuron pruning viable.
+Tokens are split into train (calibration), val (held-out error) and bench (timing) sets.
+
+Real layers: `load_layer_arrays(path)` reads W1, W2 and captured MLP inputs X from a .npz exported from a trained
+nanochat checkpoint; `mlp_problem_from_arrays` / `linear_problem_from_arrays` turn plain arrays into problems.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from mgr.errors import UserError
+
+DECAYS = ("power", "exp")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    weight_decay: str = "power"
+    weight_alpha: float = 1.0
+    act_beta: float = 1.0
+    heavy_tail_df: float | None = None  # Student-t degrees of freedom (> 2); None = Gaussian
+    outlier_channels: int = 0
+    outlier_scale: float = 10.0
+    neuron_gain_sigma: float = 0.75  # log-normal sigma of the per-neuron output gains (MLP only)
+    n_train: int = 2048
+    n_val: int = 2048
+    n_bench: int = 4096
+
+    def validate(self, d_in: int) -> None:
+        if self.weight_decay not in DECAYS:
+            raise UserError(f"unknown weight decay {self.weight_decay!r} (choose one of {', '.join(DECAYS)})")
+        if self.weight_alpha < 0 or self.act_beta < 0 or self.neuron_gain_sigma < 0:
+            raise UserError("weight_alpha, act_beta and neuron_gain_sigma must be >= 0")
+        if self.heavy_tail_df is not None and self.heavy_tail_df <= 2:
+            raise UserError(f"heavy_tail_df must be > 2 (finite variance), got {self.heavy_tail_df}")
+        if not 0 <= self.outlier_channels <= d_in:
+            raise UserError(f"outlier_channels must be in [0, {d_in}], got {self.outlier_channels}")
+        if min(self.n_train, self.n_val, self.n_bench) < 1:
+            raise UserError("n_train, n_val and n_bench must be >= 1")
+
+
+class Splits(NamedTuple):
+    train: np.ndarray  # calibration tokens (factorisations, importance statistics)
+    val: np.ndarray  # held-out tokens for output errors
+    bench: np.ndarray  # tokens the timed functions run on
+
+
+class LinearProblem(NamedTuple):
+    w_IO: np.ndarray
+    x: Splits
+
+
+class MLPProblem(NamedTuple):
+    w1_DH: np.ndarray
+    w2_HD: np.ndarray
+    x: Splits
+
+
+def decaying_spectrum(k: int, decay: str = "power", alpha: float = 1.0) -> np.ndarray:
+    i = np.arange(k, dtype=np.float64)
+    if decay == "power":
+        return (i + 1) ** -alpha
+    if decay == "exp":
+        return np.exp(-alpha * i / k)
+    raise UserError(f"unknown decay {decay!r} (choose one of {', '.join(DECAYS)})")
+
+
+def random_orthonormal(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """n x k with orthonormal columns, Haar-distributed (sign-corrected QR)."""
+    q, r = np.linalg.qr(rng.standard_normal((n, k)))
+    return q * np.sign(np.diag(r))
+
+
+def decaying_weight(rng: np.random.Generator, d_in: int, d_out: int, spec: InputSpec) -> np.ndarray:
+    k = min(d_in, d_out)
+    s = decaying_spectrum(k, spec.weight_decay, spec.weight_alpha)
+    s *= np.sqrt(d_out / np.sum(s**2))
+    w = (random_orthonormal(rng, d_in, k) * s) @ random_orthonormal(rng, d_out, k).T
+    return w.astype(np.float32)
+
+
+def correlated_activations(rng: np.random.Generator, n: int, d: int, spec: InputSpec) -> np.ndarray:
+    lam = (np.arange(d) + 1.0) ** -spec.act_beta
+    lam *= d / lam.sum()
+    if spec.heavy_tail_df is None:
+        z = rng.standard_normal((n, d))
+    else:
+        df = spec.heavy_tail_df
+        z = rng.standard_t(df, (n, d)) / np.sqrt(df / (df - 2))
+    x = (z * np.sqrt(lam)) @ random_orthonormal(rng, d, d).T
+    outliers = rng.choice(d, spec.outlier_channels, replace=False)
+    x[:, outliers] *= spec.outlier_scale
+    return x.astype(np.float32)
+
+
+def split_tokens(rng: np.random.Generator, x: np.ndarray, spec: InputSpec) -> Splits:
+    need = spec.n_train + spec.n_val + spec.n_bench
+    if x.shape[0] < need:
+        raise UserError(f"need {need} activation rows (train+val+bench), got {x.shape[0]}")
+    perm = rng.permutation(x.shape[0])
+    a, b = spec.n_train, spec.n_train + spec.n_val
+    return Splits(x[perm[:a]], x[perm[a:b]], x[perm[b:need]])
+
+
+def make_linear_problem(seed: int, d_in: int, d_out: int, spec: InputSpec = InputSpec()) -> LinearProblem:
+    spec.validate(d_in)
+    rng = np.random.default_rng(seed)
+    w = decaying_weight(rng, d_in, d_out, spec)
+    x = correlated_activations(rng, spec.n_train + spec.n_val + spec.n_bench, d_in, spec)
+    return LinearProblem(w, split_tokens(rng, x, spec))
+
+
+def make_mlp_problem(seed: int, d: int, h: int, spec: InputSpec = InputSpec()) -> MLPProblem:
+    spec.validate(d)
+    rng = np.random.default_rng(seed)
+    w1 = decaying_weight(rng, d, h, spec)
+    gains = np.exp(spec.neuron_gain_sigma * rng.standard_normal(h))
+    w2 = decaying_weight(rng, h, d, spec) * (gains / np.sqrt(np.mean(gains**2)))[:, None].astype(np.float32)
+    x = correlated_activations(rng, spec.n_train + spec.n_val + spec.n_bench, d, spec)
+    return MLPProblem(w1, w2.astype(np.float32), split_tokens(rng, x, spec))
+
+
+# -------------------------------------------------------------------------------------- real layers
+
+
+def _as_matrix(name: str, a) -> np.ndarray:
+    a = np.asarray(a, np.float32)
+    if a.ndim != 2 or not np.all(np.isfinite(a)):
+        raise UserError(f"{name} must be a finite 2-D array, got shape {a.shape}")
+    return a
+
+
+def mlp_problem_from_arrays(w1_DH, w2_HD, x_ND, spec: InputSpec = InputSpec(), seed: int = 0) -> MLPProblem:
+    """An MLPProblem from a trained layer's weights and captured inputs (rows shuffled, then split)."""
+    w1, w2, x = _as_matrix("W1", w1_DH), _as_matrix("W2", w2_HD), _as_matrix("X", x_ND)
+    if w2.shape != (w1.shape[1], w1.shape[0]) or x.shape[1] != w1.shape[0]:
+        raise UserError(f"inconsistent layer shapes W1 {w1.shape}, W2 {w2.shape}, X {x.shape}")
+    return MLPProblem(w1, w2, split_tokens(np.random.default_rng(seed), x, spec))
+
+
+def linear_problem_from_arrays(w_IO, x_NI, spec: InputSpec = InputSpec(), seed: int = 0) -> LinearProblem:
+    w, x = _as_matrix("W", w_IO), _as_matrix("X", x_NI)
+    if x.shape[1] != w.shape[0]:
+        raise UserError(f"X has {x.shape[1]} columns but W has {w.shape[0]} rows")
+    return LinearProblem(w, split_tokens(np.random.default_rng(seed), x, spec))
+
+
+def load_layer_arrays(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(W1 d x h, W2 h x d, X n x d) of one nanochat MLP layer, from a .npz with keys w1, w2, x.
+
+    The .npz is exported from a trained nanochat checkpoint (MLP weights of one block and the inputs that
+    block's MLP saw on real tokens); orbax checkpoint directories are not read here directly.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    if path.is_dir() or path.suffix != ".npz":
+        raise UserError(f"expected a .npz with arrays w1, w2, x exported from a nanochat layer, got {path}")
+    try:
+        with np.load(path) as f:
+            return _as_matrix("w1", f["w1"]), _as_matrix("w2", f["w2"]), _as_matrix("x", f["x"])
+    except (KeyError, ValueError, OSError) as e:
+        raise UserError(f"unreadable layer file {path}: {e}") from None
