@@ -108,8 +108,14 @@ class RunContext:
 
     def train(self, name: str, step_fn: StepFn | dict[Hashable, StepFn], state: Any,
               batch_fn: Callable[[int], Any], *, eval_fn: Callable[[Any], dict] | None = None,
-              eval_every: int = 0, choose: Callable[[int, dict | None], Hashable] | None = None) -> TrainResult:
-        """Train ``state`` with ``step_fn`` until the run's budget is spent; see the module docstring."""
+              eval_every: int = 0, choose: Callable[[int, dict | None], Hashable] | None = None,
+              start_step: int = 0, hooks: tuple[tuple[int, Callable[[int, Any], None]], ...] = ()) -> TrainResult:
+        """Train ``state`` with ``step_fn`` until the run's budget is spent; see the module docstring.
+
+        ``start_step`` resumes a run: those steps count as already spent (at the first step's FLOPs).
+        ``hooks`` are ``(every, fn(step, state))`` pairs called after every ``every``-th step, e.g. checkpointing;
+        they sync with the device, so their time is excluded from step times and the time budget like evals.
+        """
         if name in self.budget_records:
             raise ValueError(f"variant {name!r} trained twice in one run")
         variants = step_fn if isinstance(step_fn, dict) else {None: step_fn}
@@ -129,6 +135,8 @@ class RunContext:
         batch = batch_fn(0)
         _, first_record = executable(first_key, state, batch)
         tracker = BudgetTracker(self.budget, first_record.flops)
+        for _ in range(start_step):
+            tracker.charge(first_record.flops)
         self.budget_records[name] = tracker.record()
         jit_eval = jax.jit(eval_fn) if eval_fn is not None else None
 
@@ -151,20 +159,23 @@ class RunContext:
                 raise Diverged(f"{name}: non-finite loss at step {pending_step}")
             return host
 
-        def run_eval(at_step: int) -> None:
+        def paused(fn: Callable[[], None]) -> None:
             nonlocal paused_s
             t0 = time.perf_counter()
+            fn()
+            paused_s += time.perf_counter() - t0
+            ready_times.append(None)  # the interval spanning an eval or a hook is not a step time
+
+        def run_eval(at_step: int) -> None:
             result = _host(jit_eval(state))
             evals.append((at_step, result))
             self.writer.log({"variant": name, "step": at_step, "eval": result})
-            paused_s += time.perf_counter() - t0
-            ready_times.append(None)  # the interval spanning an eval is not a step time
 
         progress = Progress(TextColumn(f"[bold]{name}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=self.console,
                             transient=True, disable=not self.console.is_terminal)
         task = progress.add_task(name, total=tracker.max_steps, loss="—")
-        step = 0
+        step = start_step
         try:
             with progress:
                 while True:
@@ -185,14 +196,19 @@ class RunContext:
                         progress.update(task, advance=1, loss=f"{np.mean(last['loss']):.4f}")
                     pending = (step, metrics)
                     step += 1
-                    if jit_eval is not None and eval_every > 0 and step % eval_every == 0:
+                    due_eval = jit_eval is not None and eval_every > 0 and step % eval_every == 0
+                    due_hooks = [fn for every, fn in hooks if every > 0 and step % every == 0]
+                    if due_eval or due_hooks:
                         last = read(*pending)
                         pending = None
-                        run_eval(step)
+                    if due_eval:
+                        paused(lambda: run_eval(step))
+                    for fn in due_hooks:
+                        paused(lambda: fn(step, state))
                 if pending is not None:
                     last = read(*pending)
                 if jit_eval is not None and (not evals or evals[-1][0] != step):
-                    run_eval(step)
+                    paused(lambda: run_eval(step))
         except (KeyboardInterrupt, Diverged) as exc:
             tracker.stopped_by = "interrupted" if isinstance(exc, KeyboardInterrupt) else "diverged"
             raise
