@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import sys
 from pathlib import Path
 
@@ -27,7 +28,8 @@ def _positive_int():
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}") from None
-        if value != int(value) or value <= 0:
+        # NaN and inf are checked first: int() raises on them instead of answering.
+        if not math.isfinite(value) or value != int(value) or value <= 0:
             raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
         return int(value)
     return parse
@@ -93,8 +95,9 @@ def _resolve_demo(name: str):
     return load(name)
 
 
-def run_demo(name: str, argv: list[str], prog: str = "mgr run") -> int:
-    """`mgr run <name> ...`; also the entry point of `python -m nanochat.train`."""
+def run_demo(name: str, argv: list[str], prog: str = "mgr run", command: list[str] | None = None) -> int:
+    """`mgr run <name> ...`; also the entry point of `python -m nanochat.train`. ``command`` is what the run
+    records as its command line (default: this process's sys.argv)."""
     from mgr.budget import Budget
     from mgr.flags import add_config_flags, config_from_args
     from mgr.launcher import launch
@@ -114,7 +117,7 @@ def run_demo(name: str, argv: list[str], prog: str = "mgr run") -> int:
     select_device(args.device)
     code, _ = launch(demo, config, budget=budget, seed=args.seed, artifacts_dir=args.artifacts_dir,
                      run_id=args.run_id or default_run_id(), kind=args.artifacts_kind, topic=args.artifacts_topic,
-                     argv=[Path(sys.argv[0]).name, *sys.argv[1:]])
+                     argv=command or [Path(sys.argv[0]).name, *sys.argv[1:]])
     return code
 
 
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     add_compare_flags(cmp)
     try:
         if argv[:1] == ["run"] and len(argv) >= 2 and not argv[1].startswith("-"):
-            return run_demo(argv[1], argv[2:])
+            return run_demo(argv[1], argv[2:], command=["mgr", *argv])
         args = parser.parse_args(argv)
         if args.command == "list":
             return _list()

@@ -20,7 +20,12 @@ _RULES: tuple[tuple[str, str, int], ...] = (
     ("loss", "loss", -1), ("bpb", "loss", -1), ("error", "loss", -1),
     ("memory_gb", "memory", -1), ("memory", "memory", -1),
 )
-_SKIP = ("tables", "notes", "plots", "flops.", "p10_ms", "p90_ms", ".n", "samples_ms")
+_SKIP = ("tables", "notes", "plots", "flops.", "p10_ms", "p90_ms", "samples_ms")
+
+
+def _compared(key: str) -> bool:
+    # A sample count ("....n") is matched as a whole last segment: a substring ".n" would also drop "train.narrow...".
+    return not any(s in key for s in _SKIP) and key.rsplit(".", 1)[-1] != "n"
 
 
 def add_compare_flags(parser: argparse.ArgumentParser) -> None:
@@ -56,8 +61,8 @@ def _load(run_dir: str) -> dict:
 
 def compare_runs(args: argparse.Namespace, console: Console) -> int:
     base, cand = _load(args.baseline), _load(args.candidate)
-    base_flat = {k: v for k, v in flatten(base.get("results", {})) if not any(s in k for s in _SKIP)}
-    cand_flat = {k: v for k, v in flatten(cand.get("results", {})) if not any(s in k for s in _SKIP)}
+    base_flat = {k: v for k, v in flatten(base.get("results", {})) if _compared(k)}
+    cand_flat = {k: v for k, v in flatten(cand.get("results", {})) if _compared(k)}
     tolerance = {"throughput": args.throughput_tolerance, "loss": args.loss_tolerance,
                  "memory": args.memory_tolerance}
     table = RichTable(title=f"{args.baseline}  →  {args.candidate}", title_justify="left")
