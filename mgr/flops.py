@@ -82,7 +82,7 @@ def price(closed_jaxpr: jcore.ClosedJaxpr, compiled: Any) -> FlopsRecord:
     hlo = compiled.as_text() or ""
     raw = _xla_cost(compiled)
     unknown: list[str] = [f"custom_call:{t}" for t in _custom_call_targets(hlo)]
-    matmul = _matmul_flops(closed_jaxpr.jaxpr, unknown)
+    matmul = _matmul_flops(_without_dead_code(closed_jaxpr.jaxpr), unknown)
     # With no while loop left in the optimised HLO, XLA unrolled everything and its count is already complete.
     correction = _loop_correction(closed_jaxpr.jaxpr, {}) if _WHILE_RE.search(hlo) else _Cost()
     total = raw + correction
@@ -103,6 +103,16 @@ def _xla_cost(compiled: Any) -> _Cost:
     # XLA reports -1 for what it cannot price (e.g. host callbacks); those calls are listed under `unknown`.
     return sum((_Cost(*(max(float(a.get(k, 0.0)), 0.0) for k in ("flops", "transcendentals", "bytes accessed")))
                 for a in parts), _Cost())
+
+
+def _without_dead_code(jaxpr: jcore.Jaxpr) -> jcore.Jaxpr:
+    """Drop equations whose results are never used, as XLA does, so the walk prices what executes
+    (e.g. the last forward matmul of a grad-only function). Uses JAX's own DCE; a JAX without it keeps all."""
+    try:
+        from jax._src.interpreters.partial_eval import dce_jaxpr
+    except ImportError:
+        return jaxpr
+    return dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))[0]
 
 
 def _custom_call_targets(hlo: str) -> list[str]:
