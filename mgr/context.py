@@ -95,6 +95,8 @@ class RunContext:
         self.console = console or Console(stderr=True)
         self.budget_records: dict[str, dict] = {}
         self.train_summaries: dict[str, dict] = {}
+        # Compiled steps by function identity and argument shapes (the function is kept so its id is not reused).
+        self._executables: dict[tuple, tuple[Callable, Any, FlopsRecord]] = {}
 
     @property
     def run_dir(self) -> Path:
@@ -105,6 +107,21 @@ class RunContext:
 
     def log(self, record: dict) -> None:
         self.writer.log(record)
+
+    def _compile(self, fn: Callable, state: Any, batch: Any) -> tuple[Any, FlopsRecord]:
+        leaves, treedef = jax.tree.flatten((state, batch))
+        key = (id(fn), treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
+        if key not in self._executables:
+            record, exe = compile_and_count(jax.jit(fn, donate_argnums=0), state, batch)
+            self._executables[key] = (fn, exe, record)
+        _, exe, record = self._executables[key]
+        return exe, record
+
+    def plan(self, step_fn: StepFn, state: Any, batch: Any) -> BudgetTracker:
+        """Compile ``step_fn`` (cached for ``train``) and resolve the budget against its measured FLOPs, for demos
+        whose step needs the planned step count, e.g. an LR schedule (pass it in ``state`` as a traced value)."""
+        _, record = self._compile(step_fn, state, batch)
+        return BudgetTracker(self.budget, record.flops)
 
     def train(self, name: str, step_fn: StepFn | dict[Hashable, StepFn], state: Any,
               batch_fn: Callable[[int], Any], *, eval_fn: Callable[[Any], dict] | None = None,
@@ -125,14 +142,12 @@ class RunContext:
 
         def executable(key, st, batch):
             if key not in compiled:
-                fn = jax.jit(variants[key], donate_argnums=0)
-                record, exe = compile_and_count(fn, st, batch)
-                compiled[key] = (exe, record)
+                compiled[key] = self._compile(variants[key], st, batch)
             return compiled[key]
 
         state = _copy_tree(state)
-        first_key = choose(0, None) if choose else None
-        batch = batch_fn(0)
+        first_key = choose(start_step, None) if choose else None
+        batch = batch_fn(start_step)
         _, first_record = executable(first_key, state, batch)
         tracker = BudgetTracker(self.budget, first_record.flops)
         for _ in range(start_step):
@@ -184,7 +199,7 @@ class RunContext:
                     if tracker.stopped_by:
                         break
                     key = choose(step, last) if choose else None
-                    if step > 0:
+                    if step > start_step:
                         batch = batch_fn(step)
                     exe, record = executable(key, state, batch)
                     state, metrics = exe(state, batch)
