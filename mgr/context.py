@@ -153,7 +153,7 @@ class RunContext:
         for _ in range(start_step):
             tracker.charge(first_record.flops)
         self.budget_records[name] = tracker.record()
-        jit_eval = jax.jit(eval_fn) if eval_fn is not None else None
+        jit_eval = eval_fn
 
         losses: list = []
         evals: list[tuple[int, dict]] = []

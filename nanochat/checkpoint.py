@@ -1,0 +1,65 @@
+"""Orbax checkpoints of a training run: arrays (params, optimizer state) plus JSON metadata (step, data position,
+model config), so `--resume` continues exactly where a run stopped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from mgr.errors import UserError
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class Checkpointer:
+    """Saves into ``<run_dir>/checkpoints/<step>/`` and keeps the newest ``keep``."""
+
+    def __init__(self, run_dir: Path, keep: int = 2):
+        self.directory = Path(run_dir).resolve() / CHECKPOINT_DIR
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def save(self, step: int, arrays: Any, meta: dict[str, Any]) -> None:
+        self._manager.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
+                                                         meta=ocp.args.JsonSave(meta)), force=True)
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _checkpoint_root(path: str | Path) -> Path:
+    path = Path(path).resolve()
+    if not path.exists():
+        raise UserError(f"--resume {path}: no such directory")
+    return path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+
+
+def read_meta(path: str | Path) -> tuple[Path, int, dict[str, Any]]:
+    """The newest checkpoint under a run directory (or its checkpoints/ directory): (root, step, metadata)."""
+    root = _checkpoint_root(path)
+    steps = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+    if not steps:
+        raise UserError(f"--resume {path}: no checkpoint found")
+    step = steps[-1]
+    try:
+        with ocp.CheckpointManager(root) as manager:
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax raises many types for unreadable checkpoints
+        raise UserError(f"--resume {path}: unreadable checkpoint metadata at step {step} ({e.__class__.__name__})") from None
+    return root, step, meta
+
+
+def restore_arrays(root: Path, step: int, like: Any) -> Any:
+    """Restore the arrays of checkpoint ``step`` into the structure, shapes and dtypes of ``like``."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    try:
+        with ocp.CheckpointManager(root) as manager:
+            restored = manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract)))
+    except Exception as e:  # orbax raises many types for corrupt or mismatched trees
+        raise UserError(f"--resume {root}: cannot restore step {step} ({e.__class__.__name__}: "
+                        f"{str(e).splitlines()[0][:160]})") from None
+    return restored["arrays"]
