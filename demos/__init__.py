@@ -6,6 +6,7 @@ import importlib
 
 REGISTRY: dict[str, str] = {
     "matrix-gauge": "demos.matrix_gauge",
+    "nanochat": "nanochat.train",
 }
 
 

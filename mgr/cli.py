@@ -121,6 +121,23 @@ def run_demo(name: str, argv: list[str], prog: str = "mgr run", command: list[st
     return code
 
 
+def _guarded(fn, *args) -> int:
+    """Bad input becomes one `error:` line and exit 2; Ctrl-C exit 130; never a traceback for either."""
+    try:
+        return fn(*args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def run_demo_safely(name: str, argv: list[str], prog: str) -> int:
+    """Entry point of module CLIs such as `python -m nanochat.train` (the same run as `mgr run nanochat`)."""
+    return _guarded(run_demo, name, argv, prog, [*prog.split(), *argv])
+
+
 def _list() -> int:
     from demos import REGISTRY, load
     console = Console()
@@ -136,8 +153,10 @@ def _show(run_dir: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _dispatch(argv: list[str]) -> int:
+    if argv[:1] == ["run"] and len(argv) >= 2 and not argv[1].startswith("-"):
+        return run_demo(argv[1], argv[2:], command=["mgr", *argv])
+    from mgr.compare import add_compare_flags, compare_runs
     parser = OneLineParser(prog="mgr", description="Time-to-quality research harness.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     sub.add_parser("list", help="list demos")
@@ -146,28 +165,19 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("demo")
     show = sub.add_parser("show", help="print a run's tables again")
     show.add_argument("run_dir")
-    cmp = sub.add_parser("compare", help="compare two runs metric by metric")
-    from mgr.compare import add_compare_flags
-    add_compare_flags(cmp)
-    try:
-        if argv[:1] == ["run"] and len(argv) >= 2 and not argv[1].startswith("-"):
-            return run_demo(argv[1], argv[2:], command=["mgr", *argv])
-        args = parser.parse_args(argv)
-        if args.command == "list":
-            return _list()
-        if args.command == "show":
-            return _show(args.run_dir)
-        if args.command == "compare":
-            from mgr.compare import compare_runs
-            return compare_runs(args, Console())
-        parser.error("mgr run needs a demo name; see `mgr list`")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    add_compare_flags(sub.add_parser("compare", help="compare two runs metric by metric"))
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        return _list()
+    if args.command == "show":
+        return _show(args.run_dir)
+    if args.command == "compare":
+        return compare_runs(args, Console())
+    raise UserError("mgr run needs a demo name; see `mgr list`")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _guarded(_dispatch, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

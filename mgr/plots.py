@@ -1,0 +1,37 @@
+"""Figures for run directories (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_curves(path: Path, curves: dict[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str,
+                ylabel: str, title: str = "", logx: bool = False, logy: bool = False,
+                markers: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None) -> Path:
+    """One line per curve; ``markers`` adds point series (e.g. eval losses) on the same axes."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    for name, (x, y) in curves.items():
+        ax.plot(x, y, label=name, linewidth=1.2)
+    for name, (x, y) in (markers or {}).items():
+        ax.plot(x, y, "o", label=name, markersize=4)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if curves or markers:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,339 @@
+"""Fixed-FLOPs training of the nanochat GPT: `python -m nanochat.train ...` is `mgr run nanochat ...`.
+
+The launcher owns the loop and the budget (`--target-flops F` runs ceil(F / measured step FLOPs) steps); this module
+builds the model, data, optimizer and the pure train/eval steps, and turns the run into nanochat's report: val bits
+per byte, tokens/s, MFU, samples and a loss-vs-FLOPs plot. The step pieces are reused by the block-update demo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from optax.contrib import MuonDimensionNumbers
+
+from mgr.demo import Demo
+from mgr.errors import UserError
+from mgr.flops import count_flops
+from mgr.plots import plot_curves
+from mgr.results import Results, Table
+from nanochat.checkpoint import Checkpointer, read_meta, restore_arrays
+from nanochat.data import DataSpec, open_source
+from nanochat.data.loader import Loader
+from nanochat.model import GPT, GPTConfig, estimate_flops, generate, loss_fn
+from nanochat.tokenizer import bits_per_byte, load_tokenizer
+
+# Dense bf16 peak FLOP/s by device kind, for MFU. H200/H100 SXM: 989 TFLOP/s dense bf16 (NVIDIA datasheets).
+PEAK_BF16_FLOPS = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12,
+                   "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12}
+
+
+@dataclass
+class Config:
+    depth: int = field(default=2, metadata={"help": "the one dial: width 64·depth, depth layers, heads of 64/128"})
+    sequence_len: int = field(default=256, metadata={"help": "tokens per row"})
+    batch_size: int = field(default=16, metadata={"help": "rows per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per step (scanned)"})
+    optimizer_type: str = field(default="adamw", metadata={"help": "optimizer", "choices": ("adamw", "muon")})
+    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate (embedding and head under muon)"})
+    matrix_lr: float = field(default=0.02, metadata={"help": "Muon learning rate of the block matrices"})
+    weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "global-norm gradient clip (0 disables)"})
+    lr_warmup_steps: int = field(default=10, metadata={
+        "help": "linear LR warm-up steps (the harness's --warmup-steps only excludes steps from timing)"})
+    lr_warmdown_frac: float = field(default=0.2, metadata={"help": "final fraction of steps decaying LR linearly"})
+    final_lr_frac: float = field(default=0.0, metadata={"help": "LR multiplier reached at the end of warm-down"})
+    attention_type: str = field(default="xla", metadata={"help": "attention kernel",
+                                                          "choices": ("xla", "jax", "cudnn")})
+    dtype: str = field(default="auto", metadata={"help": "compute dtype (params stay fp32); auto = bf16 on GPU",
+                                                 "choices": ("auto", "float32", "bfloat16")})
+    scan_layers: bool = field(default=True, metadata={"help": "run the blocks as a lax.scan (fast compile)"})
+    tokenizer: str = field(default="byte", metadata={"help": "'byte' or a directory from nanochat.tokenizer train"})
+    data: str | None = field(default=None, metadata={"help": "text/parquet/.bin file, dir or glob; default synthetic"})
+    data_format: str = field(default="auto", metadata={"help": "data format",
+                                                       "choices": ("auto", "text", "parquet", "bin")})
+    auto_download_data: bool = field(default=False, metadata={"help": "download parquet shards into --data-dir"})
+    min_parquet_files: int = field(default=0, metadata={"help": "parquet shards needed in --data-dir"})
+    data_url: str = field(default=DataSpec.data_url, metadata={"help": "base URL of the parquet shards"})
+    data_dir: str = field(default=DataSpec.data_dir, metadata={"help": "where parquet shards live"})
+    eval_every: int = field(default=100, metadata={"help": "steps between evals (0: only at the end)"})
+    eval_tokens: int = field(default=16384, metadata={"help": "validation tokens per eval"})
+    sample_every: int = field(default=0, metadata={"help": "steps between logged samples (0: only at the end)"})
+    sample_tokens: int = field(default=64, metadata={"help": "tokens generated per sample"})
+    checkpoint_every: int = field(default=0, metadata={"help": "steps between orbax checkpoints (0: none)"})
+    resume: str | None = field(default=None, metadata={"help": "run directory whose newest checkpoint to continue"})
+
+
+# --- model, optimizer, steps ------------------------------------------------------------------------------------
+
+def compute_dtype(config: Config) -> str:
+    if config.dtype != "auto":
+        return config.dtype
+    return "bfloat16" if jax.default_backend() == "gpu" else "float32"
+
+
+def model_config(config: Config, vocab_size: int) -> GPTConfig:
+    return GPTConfig.from_depth(config.depth, vocab_size=vocab_size, sequence_len=config.sequence_len)
+
+
+def build_model(config: Config, cfg: GPTConfig, seed: int, **model_kwargs) -> GPT:
+    return GPT(cfg, rngs=nnx.Rngs(seed), dtype=compute_dtype(config), scan_layers=config.scan_layers,
+               attention=config.attention_type, **model_kwargs)
+
+
+def _is_block_matrix(path, leaf) -> bool:
+    return any(getattr(k, "key", None) == "blocks" for k in path) and leaf.ndim == 3
+
+
+def make_optimizer(config: Config, params: Any) -> optax.GradientTransformation:
+    """AdamW everywhere, or nanochat's split: Muon on the stacked block matrices ([L, in, out]: orthogonalise each
+    layer's in x out matrix), AdamW on the embedding and the head. LR schedules multiply the updates in the step."""
+    clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()
+    if config.optimizer_type == "adamw":
+        return optax.chain(clip, optax.adamw(config.lr, b1=0.9, b2=0.95, weight_decay=config.weight_decay))
+    dims = jax.tree_util.tree_map_with_path(
+        lambda p, x: MuonDimensionNumbers(reduction_axis=(1,), output_axis=(2,)) if _is_block_matrix(p, x) else None,
+        params)
+    return optax.chain(clip, optax.contrib.muon(
+        config.matrix_lr, weight_decay=config.weight_decay, adam_learning_rate=config.lr, adam_b1=0.9,
+        adam_b2=0.95, muon_weight_dimension_numbers=dims))
+
+
+def lr_multiplier(step: jax.Array, total: jax.Array, config: Config) -> jax.Array:
+    """Linear warm-up, flat, then linear warm-down over the last fraction of the planned steps (nanochat's shape).
+    `total` = 0 (a time-only budget has no planned length) keeps the LR flat after warm-up."""
+    step = step.astype(jnp.float32)
+    warm = jnp.minimum(1.0, (step + 1) / max(config.lr_warmup_steps, 1))
+    total = total.astype(jnp.float32)
+    down_start = total * (1.0 - config.lr_warmdown_frac)
+    progress = jnp.clip((step - down_start) / jnp.maximum(total - down_start, 1.0), 0.0, 1.0)
+    down = 1.0 - progress * (1.0 - config.final_lr_frac)
+    return warm * jnp.where(total > 0, down, 1.0)
+
+
+def init_state(params: Any, tx: optax.GradientTransformation) -> dict[str, Any]:
+    return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "total_steps": jnp.zeros((), jnp.int32)}
+
+
+def make_train_step(graphdef: Any, tx: optax.GradientTransformation, config: Config, *,
+                    n_frozen: int = 0) -> Callable[[dict, dict], tuple[dict, dict]]:
+    """Pure step over {"params","opt","step","total_steps"}; micro-batches are a lax.scan (grad accumulation).
+    ``n_frozen`` leading blocks (and the embedding) sit behind stop_gradient: no backward work is done for them."""
+    accum = config.grad_accum
+
+    def loss_of(params, x_BT, y_BT):
+        return loss_fn(nnx.merge(graphdef, params), x_BT, y_BT, n_frozen=n_frozen)[0]
+
+    grad_fn = jax.value_and_grad(loss_of)
+
+    def step(state, batch):
+        x_ABT = batch["inputs_BT"].reshape(accum, -1, batch["inputs_BT"].shape[-1])
+        y_ABT = batch["targets_BT"].reshape(x_ABT.shape)
+        params = state["params"]
+        if accum == 1:
+            loss, grads = grad_fn(params, x_ABT[0], y_ABT[0])
+        else:
+            def micro(acc, xy):
+                loss, grads = grad_fn(params, *xy)
+                return jax.tree.map(jnp.add, acc, (loss, grads)), None
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            (loss, grads), _ = jax.lax.scan(micro, zeros, (x_ABT, y_ABT))
+            loss, grads = jax.tree.map(lambda g: g / accum, (loss, grads))
+        updates, opt = tx.update(grads, state["opt"], params)
+        lrm = lr_multiplier(state["step"], state["total_steps"], config)
+        params = optax.apply_updates(params, jax.tree.map(lambda u: lrm * u, updates))
+        new_state = {**state, "params": params, "opt": opt, "step": state["step"] + 1}
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr_mult": lrm}
+
+    return step
+
+
+def make_eval(graphdef: Any, val: dict[str, np.ndarray]) -> Callable[[dict], dict]:
+    """Val loss (nats/token) and, where byte lengths are known, bits per byte over fixed validation batches."""
+    with_bytes = "target_bytes_BT" in val
+    val = {k: jnp.asarray(v) for k, v in val.items()}
+
+    @jax.jit
+    def evaluate(params, val):
+        def one(carry, batch):
+            _, nats_BT = loss_fn(nnx.merge(graphdef, params), batch["inputs_BT"], batch["targets_BT"])
+            counted = batch["target_bytes_BT"] > 0 if with_bytes else jnp.ones_like(nats_BT, bool)
+            nats_sum = jnp.where(counted, nats_BT, 0.0).sum()
+            nbytes = batch["target_bytes_BT"].sum() if with_bytes else jnp.zeros((), jnp.int32)
+            return jax.tree.map(jnp.add, carry, (nats_sum, counted.sum(), nbytes)), None
+        zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+        (nats, ntok, nbytes), _ = jax.lax.scan(one, zero, val)
+        out = {"val_loss": nats / jnp.maximum(ntok, 1)}
+        if with_bytes:
+            out["val_bpb"] = bits_per_byte(nats, nbytes)
+        return out
+
+    return lambda state: evaluate(state["params"], val)
+
+
+# --- data ------------------------------------------------------------------------------------------------------
+
+def build_data(config: Config, seed: int, tokenizer) -> tuple[Loader, dict[str, np.ndarray]]:
+    spec = DataSpec(data=config.data, data_format=config.data_format, auto_download=config.auto_download_data,
+                    min_parquet_files=config.min_parquet_files, data_url=config.data_url, data_dir=config.data_dir)
+    source = open_source(spec, seed=seed % 2**64, row_len=config.sequence_len + 1)
+    train = Loader(source, tokenizer, seq_len=config.sequence_len, batch_size=config.batch_size * config.grad_accum,
+                   seed=seed, split="train")
+    val_loader = Loader(source, tokenizer, seq_len=config.sequence_len, batch_size=config.batch_size, seed=seed,
+                        split="val")
+    n_batches = max(1, math.ceil(config.eval_tokens / (config.batch_size * config.sequence_len)))
+    batches = [val_loader.next_batch() for _ in range(n_batches)]
+    val = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+    return train, val
+
+
+def check_config(config: Config) -> None:
+    for name in ("depth", "sequence_len", "batch_size", "grad_accum", "eval_tokens", "sample_tokens"):
+        if getattr(config, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
+    for name in ("eval_every", "sample_every", "checkpoint_every", "lr_warmup_steps"):
+        if getattr(config, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+    if not 0 <= config.lr_warmdown_frac <= 1 or not 0 <= config.final_lr_frac <= 1:
+        raise UserError("--lr-warmdown-frac and --final-lr-frac must lie in [0, 1]")
+    if config.lr <= 0 or config.matrix_lr <= 0:
+        raise UserError("--lr and --matrix-lr must be positive")
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+
+def _resume(config: Config, cfg: GPTConfig, state: dict, train: Loader) -> tuple[dict, int]:
+    root, step, meta = read_meta(config.resume)
+    if meta.get("model") != dataclasses.asdict(cfg):
+        raise UserError(f"--resume {config.resume}: checkpoint model {meta.get('model')} differs from this run's "
+                        f"{dataclasses.asdict(cfg)}")
+    if meta.get("optimizer_type") != config.optimizer_type:
+        raise UserError(f"--resume {config.resume}: checkpoint optimizer {meta.get('optimizer_type')!r} differs "
+                        f"from --optimizer-type {config.optimizer_type}")
+    state = restore_arrays(root, step, state)
+    train.load_state_dict(meta["data"])
+    return state, step
+
+
+def _sample(graphdef, params, tokenizer, prompt: np.ndarray, n: int, seed: int) -> str:
+    model = nnx.merge(graphdef, params)
+    out = generate(model, jnp.asarray(prompt)[None], n, temperature=0.8, key=jax.random.key(seed))
+    return tokenizer.decode(np.asarray(out[0]).tolist())
+
+
+def run(config: Config, ctx) -> Results:
+    check_config(config)
+    tokenizer = load_tokenizer(config.tokenizer)
+    train, val = build_data(config, ctx.seed, tokenizer)
+    cfg = model_config(config, train.vocab_size)
+    model = build_model(config, cfg, ctx.seed)
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = make_optimizer(config, params)
+    state = init_state(params, tx)
+    start_step = 0
+    if config.resume:
+        state, start_step = _resume(config, cfg, state, train)
+    step_fn = make_train_step(graphdef, tx, config)
+    tokens_per_step = config.batch_size * config.grad_accum * config.sequence_len
+
+    plan = ctx.plan(step_fn, state, train(start_step))
+    state["total_steps"] = jnp.asarray(plan.max_steps or 0, jnp.int32)
+    analytic_per_token = estimate_flops(cfg)
+    matmul_per_step = count_flops(step_fn, state, train(start_step)).matmul_flops
+
+    prompt = val["inputs_BT"][0, 0, : min(16, config.sequence_len)]
+    samples: list[tuple[int, str]] = []
+
+    def sample_hook(step, st):
+        text = _sample(graphdef, st["params"], tokenizer, prompt, config.sample_tokens, ctx.seed + step)
+        samples.append((step, text))
+        ctx.log({"step": step, "sample": text})
+
+    hooks = []
+    checkpointer = Checkpointer(ctx.run_dir) if config.checkpoint_every else None
+    if checkpointer:
+        def save(step, st):
+            checkpointer.save(step, st, {"step": step, "data": train.state_dict(), "model": dataclasses.asdict(cfg),
+                                         "optimizer_type": config.optimizer_type})
+        hooks.append((config.checkpoint_every, save))
+    if config.sample_every:
+        hooks.append((config.sample_every, sample_hook))
+    try:
+        result = ctx.train("nanochat", step_fn, state, train, eval_fn=make_eval(graphdef, val),
+                           eval_every=config.eval_every, start_step=start_step, hooks=tuple(hooks))
+    finally:
+        if checkpointer:
+            checkpointer.close()
+    if not samples or samples[-1][0] != start_step + result.steps:
+        sample_hook(start_step + result.steps, result.state)
+    return _report(config, ctx, cfg, result, tokens_per_step, analytic_per_token, matmul_per_step, train, samples)
+
+
+def _report(config, ctx, cfg, result, tokens_per_step, analytic_per_token, matmul_per_step, train, samples) -> Results:
+    step_s = result.step_ms.median_ms / 1e3
+    tokens_per_second = tokens_per_step / step_s if step_s > 0 else None
+    flops_per_s = result.flops_per_step / step_s if step_s > 0 else None
+    device_kind = jax.devices()[0].device_kind
+    peak = PEAK_BF16_FLOPS.get(device_kind) if compute_dtype(config) == "bfloat16" else None
+    val_series = [(s, e.get("val_bpb"), e.get("val_loss")) for s, e in result.evals]
+    final = result.evals[-1][1] if result.evals else {}
+    floor = train.entropy_rate
+    metrics = {
+        "model": dataclasses.asdict(cfg),
+        "compute_dtype": compute_dtype(config),
+        "tokens_per_step": tokens_per_step,
+        "tokens_trained": tokens_per_step * result.steps,
+        "flops_per_token_analytic": analytic_per_token,
+        "flops_per_step_analytic": analytic_per_token * tokens_per_step,
+        "flops_per_step_measured": result.flops_per_step,
+        "matmul_flops_per_step_measured": matmul_per_step,
+        "tokens_per_second": tokens_per_second,
+        "tflops_per_second_est": None if flops_per_s is None else flops_per_s / 1e12,
+        "mfu": None if (peak is None or flops_per_s is None) else flops_per_s / peak,
+        "final_loss": result.final_loss,
+        "val_loss": final.get("val_loss"),
+        "val_bpb": final.get("val_bpb"),
+        "val_bpb_series": [{"step": s, "val_bpb": b, "val_loss": v} for s, b, v in val_series],
+        "entropy_floor_bpb": None if floor is None else floor.doc_bits_per_byte,
+        "peak_memory_allocated_gb": ctx.train_summaries["nanochat"]["peak_memory_gb"],
+    }
+    cum_flops = np.arange(1, len(result.losses) + 1) * result.flops_per_step
+    evals_x = [s * result.flops_per_step for s, _, _ in val_series]
+    plot_curves(ctx.plot_path("loss_vs_flops.png"), {"train loss": (cum_flops, result.losses)},
+                markers={"val loss": (evals_x, [v for _, _, v in val_series])},
+                xlabel="training FLOPs (estimator)", ylabel="loss (nats/token)", title=f"nanochat d{config.depth}")
+    rows = [["val bpb", final.get("val_bpb")], ["val loss (nats/token)", final.get("val_loss")],
+            ["entropy floor (bpb)", metrics["entropy_floor_bpb"]],
+            ["FLOPs/token analytic (6N + 12LHDT)", analytic_per_token],
+            ["matmul FLOPs/token measured (jaxpr)", matmul_per_step / tokens_per_step],
+            ["FLOPs/token measured (XLA, loop-corrected)", result.flops_per_step / tokens_per_step],
+            ["tokens/s", tokens_per_second], ["TFLOP/s (estimator)", metrics["tflops_per_second_est"]],
+            ["MFU", metrics["mfu"]]]
+    notes = [f"samples at step {s}: {text!r}" for s, text in samples[-2:]]
+    if metrics["entropy_floor_bpb"] is not None and final.get("val_bpb") is not None:
+        notes.append(f"val bpb is {final['val_bpb'] - metrics['entropy_floor_bpb']:.4f} above the synthetic "
+                     f"language's entropy floor {metrics['entropy_floor_bpb']:.4f}")
+    return Results(metrics=metrics, tables=[Table(f"nanochat d{config.depth}, T={config.sequence_len}",
+                                                  ["metric", "value"], rows)], notes=notes)
+
+
+DEMO = Demo(name="nanochat", description="nanochat GPT trained for a fixed budget; val bits per byte, MFU, samples",
+            config=Config, run=run, kind="nanochat", topic="train", default_max_iterations=200)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mgr.cli import run_demo_safely
+    return run_demo_safely("nanochat", sys.argv[1:] if argv is None else argv, prog="python -m nanochat.train")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
