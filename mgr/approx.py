@@ -41,6 +41,11 @@ class MLP(NamedTuple):
     w2_HD: jax.Array
 
 
+class LowRankMLP(NamedTuple):
+    up: LowRank  # replaces w1_DH
+    down: LowRank  # replaces w2_HD
+
+
 # ----------------------------------------------------------------------------------------------- apply
 
 
@@ -61,6 +66,11 @@ def mlp_apply(p: MLP, x_ND: jax.Array) -> jax.Array:
     return jnp.square(jax.nn.relu(x_ND @ p.w1_DH)) @ p.w2_HD
 
 
+def low_rank_mlp_apply(p: LowRankMLP, x_ND: jax.Array) -> jax.Array:
+    return low_rank_apply(p.down, jnp.square(jax.nn.relu(low_rank_apply(p.up, x_ND))))
+
+
+@jax.jit
 def low_rank_weight(p: LowRank) -> jax.Array:
     """The dense d_in x d_out matrix the factors represent (for objectives, not for execution)."""
     w_IO = jnp.matmul(p.a_IR, p.b_RO, precision=_HI)
@@ -70,23 +80,41 @@ def low_rank_weight(p: LowRank) -> jax.Array:
     return w_IO.at[jnp.arange(m), jnp.arange(m)].add(p.d_M)
 
 
-def relative_error(y: jax.Array, y_ref: jax.Array) -> float:
-    """||y - y_ref||_F / ||y_ref||_F, accumulated in float32 whatever the compute dtype."""
-    y, y_ref = jnp.asarray(y, jnp.float32), jnp.asarray(y_ref, jnp.float32)
-    return float(jnp.linalg.norm(y - y_ref) / jnp.linalg.norm(y_ref))
+@jax.jit
+def relative_error_array(y: jax.Array, y_ref: jax.Array) -> jax.Array:
+    """||y - y_ref||_F / ||y_ref||_F in float32 whatever the compute dtype; traceable (eval functions)."""
+    y, y_ref = y.astype(jnp.float32), y_ref.astype(jnp.float32)
+    return jnp.linalg.norm(y - y_ref) / jnp.linalg.norm(y_ref)
 
 
-def activation_error(x_NI: jax.Array, w_IO: jax.Array, w_hat_IO: jax.Array) -> float:
+def relative_error(y, y_ref) -> float:
+    return float(relative_error_array(jnp.asarray(y), jnp.asarray(y_ref)))
+
+
+@jax.jit
+def _activation_error(x_NI, w_IO, w_hat_IO):
+    return jnp.linalg.norm(jnp.matmul(x_NI, w_IO - w_hat_IO, precision=_HI))
+
+
+def activation_error(x_NI, w_IO, w_hat_IO) -> float:
     """||X (W - Ŵ)||_F, the objective data-aware low rank minimises."""
-    return float(jnp.linalg.norm(jnp.matmul(x_NI, w_IO - w_hat_IO, precision=_HI)))
+    return float(_activation_error(*(jnp.asarray(a, jnp.float32) for a in (x_NI, w_IO, w_hat_IO))))
 
 
 # ----------------------------------------------------------------------------------------------- SVD
 
 
+def ranks_for(fracs, full_rank: int) -> list[int]:
+    """Sorted distinct ranks round(f·full_rank) (at least 1) for fractions f in (0, 1]."""
+    if not fracs or any(not 0 < f <= 1 for f in fracs):
+        raise UserError(f"rank fractions must be a non-empty list of values in (0, 1], got {tuple(fracs)}")
+    return sorted({max(1, round(f * full_rank)) for f in fracs})
+
+
 def _check_rank(rank: int, w_IO) -> None:
     if not 1 <= rank <= min(w_IO.shape):
-        raise UserError(f"rank must be in [1, {min(w_IO.shape)}] for a {w_IO.shape[0]}x{w_IO.shape[1]} matrix, got {rank}")
+        raise UserError(f"rank must be in [1, {min(w_IO.shape)}] for a {w_IO.shape[0]}x{w_IO.shape[1]} matrix, "
+                        f"got {rank}")
 
 
 @partial(jax.jit, static_argnames=("rank", "oversample", "power_iters"))
@@ -107,19 +135,15 @@ def randomized_svd(m_IO: jax.Array, key: jax.Array, *, rank: int, oversample: in
     return jnp.matmul(q_IK, u_KK, precision=_HI)[:, :rank], s_K[:rank], vt_KO[:rank]
 
 
-@partial(jax.jit, static_argnames=("rank",))
-def _exact_svd(m_IO: jax.Array, *, rank: int):
-    u, s, vt = jnp.linalg.svd(m_IO, full_matrices=False)
-    return u[:, :rank], s[:rank], vt[:rank]
+_exact_svd = jax.jit(partial(jnp.linalg.svd, full_matrices=False))
 
 
-def truncated_svd(m_IO, rank: int, *, method: str = "exact", key: jax.Array | None = None,
-                  oversample: int = 10, power_iters: int = 2):
-    """Top-`rank` (u_IR, s_R, vt_RO). method: "exact" (LAPACK SVD) or "randomized" (needs `key`)."""
-    m_IO = jnp.asarray(m_IO, jnp.float32)
+def _svd_triplets(m_IO, rank: int, method: str, key, oversample: int, power_iters: int):
+    """(u, s, vt) holding AT LEAST the top `rank` triplets: all of them for the exact SVD, whose one compiled
+    program per shape then serves every rank of a sweep; exactly `rank` for the randomized one."""
     _check_rank(rank, m_IO)
     if method == "exact":
-        return _exact_svd(m_IO, rank=rank)
+        return _exact_svd(m_IO)
     if method == "randomized":
         if key is None:
             raise UserError("randomized SVD needs a PRNG key")
@@ -127,15 +151,40 @@ def truncated_svd(m_IO, rank: int, *, method: str = "exact", key: jax.Array | No
     raise UserError(f"unknown SVD method {method!r} (choose exact or randomized)")
 
 
-def _balanced_factors(u_IR, s_R, vt_RO) -> tuple[jax.Array, jax.Array]:
-    # sqrt(s) on both sides keeps the factors at similar magnitude, which matters once cast to bfloat16.
-    root_R = jnp.sqrt(s_R)
-    return u_IR * root_R, root_R[:, None] * vt_RO
+def truncated_svd(m_IO, rank: int, *, method: str = "exact", key: jax.Array | None = None,
+                  oversample: int = 10, power_iters: int = 2):
+    """Top-`rank` (u_IR, s_R, vt_RO). method: "exact" (LAPACK SVD) or "randomized" (Halko, needs `key`)."""
+    u, s, vt = _svd_triplets(jnp.asarray(m_IO, jnp.float32), rank, method, key, oversample, power_iters)
+    return u[:, :rank], s[:rank], vt[:rank]
+
+
+@jax.jit
+def _balanced(u_IK, s_K, vt_KO, left_II=None):
+    """(left @ u diag(s), vt), rescaled per component k so that ||a[:, k]|| = ||b[k, :]||: the product is
+    unchanged, and factors of equal magnitude survive bfloat16 and take sensible Adam steps. Without `left`
+    this is the familiar sqrt(s) split; with the whitening's inverse on the left it undoes the imbalance
+    that L^{-T} introduces."""
+    a_IK = u_IK * s_K
+    if left_II is not None:
+        a_IK = jnp.matmul(left_II, a_IK, precision=_HI)
+    a_norm_K = jnp.linalg.norm(a_IK, axis=0)
+    c_K = jnp.where(a_norm_K > 0, jnp.sqrt(1.0 / jnp.where(a_norm_K > 0, a_norm_K, 1.0)), 1.0)
+    return a_IK * c_K, vt_KO / c_K[:, None]
+
+
+def _low_rank_factors(m_IO, rank: int, *, left_II=None, method: str = "exact", key: jax.Array | None = None,
+                      oversample: int = 10, power_iters: int = 2) -> LowRank:
+    """(left @ u√s, √s vt) over the top `rank` triplets of m. Column i of each factor depends on triplet i
+    only, so slicing after the (shape-keyed) compiled work gives the same factors as truncating first."""
+    u, s, vt = _svd_triplets(jnp.asarray(m_IO, jnp.float32), rank, method, key, oversample, power_iters)
+    a_IK, b_KO = _balanced(u, s, vt, left_II)
+    return LowRank(a_IK[:, :rank], b_KO[:rank])
 
 
 def svd_low_rank(w_IO, rank: int, **svd_kw) -> LowRank:
-    """Best rank-r approximation in Frobenius / spectral norm (Eckart–Young): factors of the truncated SVD."""
-    return LowRank(*_balanced_factors(*truncated_svd(w_IO, rank, **svd_kw)))
+    """Best rank-r approximation in Frobenius / spectral norm (Eckart–Young): balanced truncated-SVD factors.
+    svd_kw: method ("exact" | "randomized"), key, oversample, power_iters."""
+    return _low_rank_factors(w_IO, rank, **svd_kw)
 
 
 # ------------------------------------------------------------------------------------- data-aware
@@ -164,14 +213,19 @@ def _cholesky_whitening(g_II: jax.Array):
     """(Lᵀ, L^{-T}, ok); ok is False when Cholesky failed (NaN) or a pivot is at rounding level."""
     l_II = jnp.linalg.cholesky(g_II)
     d = g_II.shape[0]
-    pivot_floor = d * jnp.finfo(jnp.float32).eps * jnp.max(jnp.diag(g_II))
+    pivot_floor = jnp.finfo(jnp.float32).eps * jnp.max(jnp.diag(g_II))
     ok = jnp.all(jnp.isfinite(l_II)) & (jnp.min(jnp.diag(l_II)) ** 2 > pivot_floor)
     inv_lt_II = solve_triangular(l_II.T, jnp.eye(d, dtype=l_II.dtype), lower=False)
     return l_II.T, inv_lt_II, ok
 
 
-def whitening(x_NI, *, damping: float = 0.01) -> Whitening:
-    """Factor XᵀX = S Sᵀ so that ||X M||_F = ||Sᵀ M||_F for any M; tries Cholesky, damped Cholesky, eigh."""
+def whitening(x_NI, *, damping: float = 1e-4) -> Whitening:
+    """Factor XᵀX = S Sᵀ so that ||X M||_F = ||Sᵀ M||_F for any M; tries Cholesky, damped Cholesky, eigh.
+
+    Damping solves a different problem (it adds λ·mean(diag)·||W - Ŵ||² to the objective). GPTQ's λ = 1e-2
+    left the calibration objective 1.4-2.7x above the optimum on activations with cond(XᵀX) ~ 1e8-1e9 (and
+    the held-out error worse too), λ = 1e-4 within 1.06x, hence the default; damping=0 goes straight to eigh.
+    """
     if damping < 0:
         raise UserError(f"damping must be >= 0, got {damping}")
     g_II = gram(jnp.asarray(x_NI))
@@ -184,19 +238,20 @@ def whitening(x_NI, *, damping: float = 0.01) -> Whitening:
         if bool(ok):
             return Whitening(root_T, inv_root_T, "damped")
     # float64 eigh: S = Q Λ^{1/2}. Eigenvalues are floored (relative to the largest, absolute for an all-zero
-    # X) so S is invertible; a floored direction carries no calibration energy, so the objective is unchanged.
+    # X) so S is invertible; a floored direction carries (almost) no calibration energy, so the objective moves
+    # only by the floor, while Ŵ stays finite there instead of following W's null-space part to infinity.
     evals, q = np.linalg.eigh(np.asarray(g_II, np.float64))
     evals = np.maximum(evals, max(1e-12 * float(evals.max(initial=0.0)), 1e-30))
     root = np.sqrt(evals)
     return Whitening(jnp.asarray((q * root).T, jnp.float32), jnp.asarray(q / root, jnp.float32), "eigh")
 
 
-def data_aware_low_rank(w_IO, x_NI, rank: int, *, diagonal: bool = False, damping: float = 0.01,
+def data_aware_low_rank(w_IO, x_NI, rank: int, *, diagonal: bool = False, damping: float = 1e-4,
                         white: Whitening | None = None, **svd_kw) -> tuple[LowRank, str]:
     """Rank-r factors minimising ||X (W - Ŵ)||_F over calibration activations X; returns (factors, path).
 
-    With XᵀX = S Sᵀ, ||X(W - Ŵ)||_F = ||Sᵀ W - Sᵀ Ŵ||_F, so the optimum is Ŵ = S^{-T} [Sᵀ W]_r (truncated SVD
-    of the whitened weight). Pass a precomputed `white` to sweep ranks without refactoring XᵀX.
+    With XᵀX = S Sᵀ, ||X(W - Ŵ)||_F = ||Sᵀ W - Sᵀ Ŵ||_F, so the optimum is Ŵ = S^{-T} [Sᵀ W]_r
+    (truncated SVD of the whitened weight). Pass a precomputed `white` to sweep ranks without refactoring XᵀX.
 
     diagonal=True adds the optimal diagonal D on top of the fixed low-rank term: for output column j the
     residual X(R_j - d_j e_j) (R = W - Ŵ) is minimised by d_j = (XᵀX R)_jj / (XᵀX)_jj. Columns are independent
@@ -208,13 +263,17 @@ def data_aware_low_rank(w_IO, x_NI, rank: int, *, diagonal: bool = False, dampin
     if x_NI.ndim != 2 or x_NI.shape[1] != w_IO.shape[0]:
         raise UserError(f"calibration activations must be (n, {w_IO.shape[0]}), got {tuple(x_NI.shape)}")
     _check_rank(rank, w_IO)
-    white = white or whitening(x_NI, damping=damping)
-    u_IR, s_R, vt_RO = truncated_svd(jnp.matmul(white.root_T, w_IO, precision=_HI), rank, **svd_kw)
-    a_IR, b_RO = _balanced_factors(u_IR, s_R, vt_RO)
-    factors = LowRank(jnp.matmul(white.inv_root_T, a_IR, precision=_HI), b_RO)
+    if white is None:
+        white = whitening(x_NI, damping=damping)
+    factors = _low_rank_factors(_whiten(white.root_T, w_IO), rank, left_II=white.inv_root_T, **svd_kw)
     if diagonal:
         factors = factors._replace(d_M=_optimal_diagonal(gram(x_NI), w_IO - low_rank_weight(factors)))
     return factors, white.path
+
+
+@jax.jit
+def _whiten(root_T_II: jax.Array, w_IO: jax.Array) -> jax.Array:
+    return jnp.matmul(root_T_II, w_IO, precision=_HI)
 
 
 @jax.jit
@@ -223,6 +282,24 @@ def _optimal_diagonal(g_II: jax.Array, r_IO: jax.Array) -> jax.Array:
     gr_M = jnp.einsum("jk,kj->j", g_II[:m], r_IO[:, :m], precision=_HI)
     g_M = jnp.diag(g_II)[:m]
     return jnp.where(g_M > 0, gr_M / jnp.where(g_M > 0, g_M, 1.0), 0.0)
+
+
+def low_rank_mlp(p: MLP, rank: int, *, x_ND=None, damping: float = 1e-4, **svd_kw) -> tuple[LowRankMLP, str]:
+    """Both MLP weights at rank r: plain SVD, or data-aware when calibration inputs x_ND are given (W1 fitted
+    to x, W2 to the dense layer's hidden activations relu(x W1)², each layer against its own dense input).
+    Returns (factors, whitening paths "up/down" or "svd")."""
+    if x_ND is None:
+        return LowRankMLP(svd_low_rank(p.w1_DH, rank, **svd_kw), svd_low_rank(p.w2_HD, rank, **svd_kw)), "svd"
+    x_ND = jnp.asarray(x_ND, jnp.float32)
+    up, up_path = data_aware_low_rank(p.w1_DH, x_ND, rank, damping=damping, **svd_kw)
+    hidden_NH = _hidden(p.w1_DH, x_ND)
+    down, down_path = data_aware_low_rank(p.w2_HD, hidden_NH, rank, damping=damping, **svd_kw)
+    return LowRankMLP(up, down), f"{up_path}/{down_path}"
+
+
+@jax.jit
+def _hidden(w1_DH: jax.Array, x_ND: jax.Array) -> jax.Array:
+    return jnp.square(jax.nn.relu(jnp.matmul(x_ND, w1_DH, precision=_HI)))
 
 
 # ------------------------------------------------------------------------------------ neuron pruning
@@ -234,15 +311,23 @@ IMPORTANCE = ("weight", "activation")
 def neuron_importance(p: MLP, *, method: str = "weight", x_ND=None) -> jax.Array:
     """Per-hidden-neuron score (h,). "weight": ||W1[:,i]||·||W2[i,:]||; "activation": E|act_i|·||W2[i,:]||
     over calibration inputs x_ND (what the neuron actually contributes on realistic data)."""
-    out_norm_H = jnp.linalg.norm(p.w2_HD, axis=1)
     if method == "weight":
-        return jnp.linalg.norm(p.w1_DH, axis=0) * out_norm_H
+        return _weight_importance(p)
     if method == "activation":
         if x_ND is None:
             raise UserError("activation importance needs calibration inputs")
-        act_NH = jnp.square(jax.nn.relu(jnp.matmul(jnp.asarray(x_ND, jnp.float32), p.w1_DH, precision=_HI)))
-        return jnp.mean(jnp.abs(act_NH), axis=0) * out_norm_H
+        return _activation_importance(p, jnp.asarray(x_ND, jnp.float32))
     raise UserError(f"unknown importance {method!r} (choose one of {', '.join(IMPORTANCE)})")
+
+
+@jax.jit
+def _weight_importance(p: MLP) -> jax.Array:
+    return jnp.linalg.norm(p.w1_DH, axis=0) * jnp.linalg.norm(p.w2_HD, axis=1)
+
+
+@jax.jit
+def _activation_importance(p: MLP, x_ND: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.abs(_hidden(p.w1_DH, x_ND)), axis=0) * jnp.linalg.norm(p.w2_HD, axis=1)
 
 
 def kept_count(keep_frac: float, hidden: int) -> int:
@@ -263,6 +348,7 @@ def prune_mlp(p: MLP, keep_frac: float, *, importance: str = "weight", x_ND=None
 # ----------------------------------------------------------------------------------------------- 2:4
 
 
+@jax.jit
 def mask_2_4(w_IO: jax.Array) -> jax.Array:
     """Boolean mask keeping the 2 largest |w| in each group of 4 consecutive INPUT rows (per output column),
     the layout sparse tensor cores use. Ties go to the lower index, so every group has exactly 2."""
@@ -275,6 +361,7 @@ def mask_2_4(w_IO: jax.Array) -> jax.Array:
     return (rank_G4O < 2).reshape(d_in, d_out)
 
 
+@jax.jit
 def sparsify_2_4(p: MLP) -> MLP:
     """2:4-masked copy of both MLP weights. It still executes DENSE (JAX has no 2:4 kernel); see nominal_2_4_flops."""
     return MLP(jnp.where(mask_2_4(p.w1_DH), p.w1_DH, 0), jnp.where(mask_2_4(p.w2_HD), p.w2_HD, 0))

@@ -107,7 +107,8 @@ def _header_lines(summary: dict) -> list[tuple[str, str]]:
         ("command", meta.get("command", "")),
         ("device", f"{device.get('device_kind', '?')} ({device.get('platform', '?')})"),
         ("budget", f"{requested or 'none'}; stopped by {budget.get('stopped_by')}, {budget.get('steps')} steps, "
-                   f"{fmt(budget.get('spent_flops'))} FLOPs spent"),
+                   f"{fmt(budget.get('spent_flops'))} FLOPs spent" if budget.get("variants")
+                   else "not used (no training loop in this run)"),
         ("seed", str(meta.get("seed"))),
         ("git", f"{(git.get('commit') or '?')[:12]}{' (dirty)' if git.get('dirty') else ''}"),
         ("run dir", summary.get("run_dir", "")),

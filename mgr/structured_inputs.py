@@ -12,13 +12,14 @@ isotropic activations make data-aware methods pointless. Trained layers have nei
     rows, because trained MLPs have very unequal neurons, which is what makes neuron pruning viable.
 Tokens are split into train (calibration), val (held-out error) and bench (timing) sets.
 
-Real layers: `load_layer_arrays(path)` reads W1, W2 and captured MLP inputs X from a .npz exported from a trained
-nanochat checkpoint; `mlp_problem_from_arrays` / `linear_problem_from_arrays` turn plain arrays into problems.
+Real layers (--from-checkpoint): `load_layer_arrays(path)` reads W1, W2 and the captured MLP inputs X of one
+block from a .npz exported from a trained nanochat checkpoint (missing path: UserError);
+`mlp_problem_from_arrays` / `linear_problem_from_arrays` turn plain arrays into the same problems.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,20 +30,31 @@ from mgr.errors import UserError
 DECAYS = ("power", "exp")
 
 
-@dataclass(frozen=True)
+@dataclass
 class InputSpec:
-    weight_decay: str = "power"
-    weight_alpha: float = 1.0
-    act_beta: float = 1.0
-    heavy_tail_df: float | None = None  # Student-t degrees of freedom (> 2); None = Gaussian
-    outlier_channels: int = 0
-    outlier_scale: float = 10.0
-    neuron_gain_sigma: float = 0.75  # log-normal sigma of the per-neuron output gains (MLP only)
-    n_train: int = 2048
-    n_val: int = 2048
-    n_bench: int = 4096
+    """Where a bench's weights and activations come from. Demo configs subclass it (through
+    variant_bench.BenchSpec), so every field is also a CLI flag of those demos."""
 
-    def validate(self, d_in: int) -> None:
+    weight_decay: str = field(default="power", metadata={
+        "help": "singular-value decay of generated weights", "choices": DECAYS})
+    weight_alpha: float = field(default=1.0, metadata={
+        "help": "decay rate: power s_i ~ (i+1)^-alpha, exp s_i ~ exp(-alpha*i/k)"})
+    act_beta: float = field(default=1.0, metadata={"help": "activation covariance eigenvalues ~ (i+1)^-beta"})
+    heavy_tail_df: float | None = field(default=None, metadata={
+        "help": "Student-t degrees of freedom (> 2) for heavy-tailed activations; none = Gaussian"})
+    outlier_channels: int = field(default=0, metadata={"help": "activation channels scaled up by outlier_scale"})
+    outlier_scale: float = field(default=10.0, metadata={"help": "scale of the outlier channels"})
+    neuron_gain_sigma: float = field(default=0.75, metadata={
+        "help": "log-normal sigma of per-neuron output gains (generated MLPs)"})
+    n_train: int = field(default=2048, metadata={"help": "calibration tokens"})
+    n_val: int = field(default=2048, metadata={"help": "held-out tokens the output errors are measured on"})
+    n_bench: int = field(default=4096, metadata={"help": "tokens per timed call"})
+    from_checkpoint: str | None = field(default=None, metadata={
+        "help": ".npz (w1, w2, x) exported from a trained nanochat layer; replaces the generated inputs"})
+
+    def validate(self, d_in: int, d_out: int) -> None:
+        if min(d_in, d_out) < 1:
+            raise UserError(f"layer sizes must be >= 1, got {d_in} x {d_out}")
         if self.weight_decay not in DECAYS:
             raise UserError(f"unknown weight decay {self.weight_decay!r} (choose one of {', '.join(DECAYS)})")
         if self.weight_alpha < 0 or self.act_beta < 0 or self.neuron_gain_sigma < 0:
@@ -51,8 +63,6 @@ class InputSpec:
             raise UserError(f"heavy_tail_df must be > 2 (finite variance), got {self.heavy_tail_df}")
         if not 0 <= self.outlier_channels <= d_in:
             raise UserError(f"outlier_channels must be in [0, {d_in}], got {self.outlier_channels}")
-        if min(self.n_train, self.n_val, self.n_bench) < 1:
-            raise UserError("n_train, n_val and n_bench must be >= 1")
 
 
 class Splits(NamedTuple):
@@ -110,6 +120,8 @@ def correlated_activations(rng: np.random.Generator, n: int, d: int, spec: Input
 
 
 def split_tokens(rng: np.random.Generator, x: np.ndarray, spec: InputSpec) -> Splits:
+    if min(spec.n_train, spec.n_val, spec.n_bench) < 1:
+        raise UserError("n_train, n_val and n_bench must be >= 1")
     need = spec.n_train + spec.n_val + spec.n_bench
     if x.shape[0] < need:
         raise UserError(f"need {need} activation rows (train+val+bench), got {x.shape[0]}")
@@ -118,20 +130,30 @@ def split_tokens(rng: np.random.Generator, x: np.ndarray, spec: InputSpec) -> Sp
     return Splits(x[perm[:a]], x[perm[a:b]], x[perm[b:need]])
 
 
-def make_linear_problem(seed: int, d_in: int, d_out: int, spec: InputSpec = InputSpec()) -> LinearProblem:
-    spec.validate(d_in)
+def make_linear_problem(seed: int, d_in: int, d_out: int, spec: InputSpec | None = None) -> LinearProblem:
+    """A generated layer, or with spec.from_checkpoint the W1 and captured inputs of a real one
+    (d_in/d_out are then taken from the file)."""
+    spec = spec or InputSpec()
+    if spec.from_checkpoint:
+        w1, _, x = load_layer_arrays(spec.from_checkpoint)
+        return linear_problem_from_arrays(w1, x, spec, seed)
+    spec.validate(d_in, d_out)
     rng = np.random.default_rng(seed)
     w = decaying_weight(rng, d_in, d_out, spec)
     x = correlated_activations(rng, spec.n_train + spec.n_val + spec.n_bench, d_in, spec)
     return LinearProblem(w, split_tokens(rng, x, spec))
 
 
-def make_mlp_problem(seed: int, d: int, h: int, spec: InputSpec = InputSpec()) -> MLPProblem:
-    spec.validate(d)
+def make_mlp_problem(seed: int, d: int, h: int, spec: InputSpec | None = None) -> MLPProblem:
+    """A generated relu² MLP, or with spec.from_checkpoint a real nanochat layer (d/h taken from the file)."""
+    spec = spec or InputSpec()
+    if spec.from_checkpoint:
+        return mlp_problem_from_arrays(*load_layer_arrays(spec.from_checkpoint), spec, seed)
+    spec.validate(d, h)
     rng = np.random.default_rng(seed)
     w1 = decaying_weight(rng, d, h, spec)
     gains = np.exp(spec.neuron_gain_sigma * rng.standard_normal(h))
-    w2 = decaying_weight(rng, h, d, spec) * (gains / np.sqrt(np.mean(gains**2)))[:, None].astype(np.float32)
+    w2 = decaying_weight(rng, h, d, spec) * (gains / np.sqrt(np.mean(gains**2)))[:, None]
     x = correlated_activations(rng, spec.n_train + spec.n_val + spec.n_bench, d, spec)
     return MLPProblem(w1, w2.astype(np.float32), split_tokens(rng, x, spec))
 
@@ -146,19 +168,19 @@ def _as_matrix(name: str, a) -> np.ndarray:
     return a
 
 
-def mlp_problem_from_arrays(w1_DH, w2_HD, x_ND, spec: InputSpec = InputSpec(), seed: int = 0) -> MLPProblem:
+def mlp_problem_from_arrays(w1_DH, w2_HD, x_ND, spec: InputSpec | None = None, seed: int = 0) -> MLPProblem:
     """An MLPProblem from a trained layer's weights and captured inputs (rows shuffled, then split)."""
     w1, w2, x = _as_matrix("W1", w1_DH), _as_matrix("W2", w2_HD), _as_matrix("X", x_ND)
     if w2.shape != (w1.shape[1], w1.shape[0]) or x.shape[1] != w1.shape[0]:
         raise UserError(f"inconsistent layer shapes W1 {w1.shape}, W2 {w2.shape}, X {x.shape}")
-    return MLPProblem(w1, w2, split_tokens(np.random.default_rng(seed), x, spec))
+    return MLPProblem(w1, w2, split_tokens(np.random.default_rng(seed), x, spec or InputSpec()))
 
 
-def linear_problem_from_arrays(w_IO, x_NI, spec: InputSpec = InputSpec(), seed: int = 0) -> LinearProblem:
+def linear_problem_from_arrays(w_IO, x_NI, spec: InputSpec | None = None, seed: int = 0) -> LinearProblem:
     w, x = _as_matrix("W", w_IO), _as_matrix("X", x_NI)
     if x.shape[1] != w.shape[0]:
         raise UserError(f"X has {x.shape[1]} columns but W has {w.shape[0]} rows")
-    return LinearProblem(w, split_tokens(np.random.default_rng(seed), x, spec))
+    return LinearProblem(w, split_tokens(np.random.default_rng(seed), x, spec or InputSpec()))
 
 
 def load_layer_arrays(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

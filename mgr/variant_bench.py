@@ -27,9 +27,20 @@ from mgr.approx import relative_error
 from mgr.errors import UserError
 from mgr.flops import FlopsRecord, count_flops
 from mgr.results import Table
+from mgr.structured_inputs import InputSpec
 from mgr.timing import Timing, measure
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class BenchSpec(InputSpec):
+    """Input fields plus how to measure; the approximation demos' configs subclass this."""
+
+    dtype: str = dataclasses.field(default="float32", metadata={
+        "help": "compute dtype (errors are measured against the float32 dense output)", "choices": tuple(DTYPES)})
+    iters: int = dataclasses.field(default=20, metadata={"help": "timed calls per variant"})
+    warmup: int = dataclasses.field(default=3, metadata={"help": "untimed calls per variant before timing"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,13 +116,17 @@ class Comparison:
 
 
 def cast_floats(tree: Any, dtype) -> Any:
-    return jax.tree.map(lambda a: jnp.asarray(a).astype(dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)
-                        else a, tree)
+    def cast(a):
+        a = jnp.asarray(a)
+        return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    return jax.tree.map(cast, tree)
 
 
 def compare(dense: Variant, variants: Sequence[Variant], x_bench, x_eval, *, dtype: str = "float32",
             iters: int = 20, warmup: int = 3) -> Comparison:
     """Measure `dense` and every variant on the same bench/eval tokens in compute dtype `dtype`."""
+    if iters < 1 or warmup < 0:
+        raise UserError(f"iters must be >= 1 and warmup >= 0, got {iters} and {warmup}")
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r} (choose one of {', '.join(DTYPES)})")
     names = [v.name for v in (dense, *variants)]
