@@ -121,7 +121,7 @@ def run_demo(name: str, argv: list[str], prog: str = "mgr run", command: list[st
     return code
 
 
-def _guarded(fn, *args) -> int:
+def guarded(fn, *args) -> int:
     """Bad input becomes one `error:` line and exit 2; Ctrl-C exit 130; never a traceback for either."""
     try:
         return fn(*args)
@@ -135,7 +135,7 @@ def _guarded(fn, *args) -> int:
 
 def run_demo_safely(name: str, argv: list[str], prog: str) -> int:
     """Entry point of module CLIs such as `python -m nanochat.train` (the same run as `mgr run nanochat`)."""
-    return _guarded(run_demo, name, argv, prog, [*prog.split(), *argv])
+    return guarded(run_demo, name, argv, prog, [*prog.split(), *argv])
 
 
 def _list() -> int:
@@ -177,7 +177,7 @@ def _dispatch(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _guarded(_dispatch, sys.argv[1:] if argv is None else list(argv))
+    return guarded(_dispatch, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

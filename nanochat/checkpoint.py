@@ -31,20 +31,27 @@ class Checkpointer:
         self._manager.close()
 
 
-def _checkpoint_root(path: str | Path) -> Path:
+def _locate(path: str | Path) -> tuple[Path, int | None]:
+    """(checkpoint root, step) for a run directory or its checkpoints/ directory (step None: the newest), or for
+    one step's directory such as <run>/checkpoints/3 (that step)."""
     path = Path(path).resolve()
     if not path.exists():
         raise UserError(f"--resume {path}: no such directory")
-    return path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+    if (path / CHECKPOINT_DIR).is_dir():
+        return path / CHECKPOINT_DIR, None
+    if path.is_dir() and path.name.isdigit():
+        return path.parent, int(path.name)
+    return path, None
 
 
 def read_meta(path: str | Path) -> tuple[Path, int, dict[str, Any]]:
-    """The newest checkpoint under a run directory (or its checkpoints/ directory): (root, step, metadata)."""
-    root = _checkpoint_root(path)
-    steps = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
-    if not steps:
-        raise UserError(f"--resume {path}: no checkpoint found")
-    step = steps[-1]
+    """The checkpoint ``path`` names (see _locate): (root, step, metadata)."""
+    root, step = _locate(path)
+    if step is None:
+        steps = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+        if not steps:
+            raise UserError(f"--resume {path}: no checkpoint found")
+        step = steps[-1]
     try:
         with ocp.CheckpointManager(root) as manager:
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

@@ -22,7 +22,7 @@ from optax.contrib import MuonDimensionNumbers
 
 from mgr.demo import Demo
 from mgr.errors import UserError
-from mgr.flops import count_flops
+from mgr.partial import block_relevance
 from mgr.plots import plot_curves
 from mgr.results import Results, Table
 from nanochat.checkpoint import Checkpointer, read_meta, restore_arrays
@@ -69,7 +69,8 @@ class Config:
     sample_every: int = field(default=0, metadata={"help": "steps between logged samples (0: only at the end)"})
     sample_tokens: int = field(default=64, metadata={"help": "tokens generated per sample"})
     checkpoint_every: int = field(default=0, metadata={"help": "steps between orbax checkpoints (0: none)"})
-    resume: str | None = field(default=None, metadata={"help": "run directory whose newest checkpoint to continue"})
+    resume: str | None = field(default=None, metadata={
+        "help": "continue from a run directory's newest checkpoint, or from one step: RUN_DIR/checkpoints/STEP"})
 
 
 # --- model, optimizer, steps ------------------------------------------------------------------------------------
@@ -124,10 +125,12 @@ def init_state(params: Any, tx: optax.GradientTransformation) -> dict[str, Any]:
             "total_steps": jnp.zeros((), jnp.int32)}
 
 
-def make_train_step(graphdef: Any, tx: optax.GradientTransformation, config: Config, *,
-                    n_frozen: int = 0) -> Callable[[dict, dict], tuple[dict, dict]]:
+def make_train_step(graphdef: Any, tx: optax.GradientTransformation, config: Config, *, n_frozen: int = 0,
+                    relevance: str | None = None) -> Callable[[dict, dict], tuple[dict, dict]]:
     """Pure step over {"params","opt","step","total_steps"}; micro-batches are a lax.scan (grad accumulation).
-    ``n_frozen`` leading blocks (and the embedding) sit behind stop_gradient: no backward work is done for them."""
+    ``n_frozen`` leading blocks (and the embedding) sit behind stop_gradient: no backward work is done for them.
+    ``relevance`` ("grad_ratio" | "saliency") adds the per-block relevance of the gradient as the metric
+    "block_relevance" (mgr.partial.block_relevance), for the probe steps of a block-update schedule."""
     accum = config.grad_accum
 
     def loss_of(params, x_BT, y_BT):
@@ -151,8 +154,11 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, config: Con
         updates, opt = tx.update(grads, state["opt"], params)
         lrm = lr_multiplier(state["step"], state["total_steps"], config)
         params = optax.apply_updates(params, jax.tree.map(lambda u: lrm * u, updates))
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr_mult": lrm}
+        if relevance is not None:
+            metrics["block_relevance"] = block_relevance(grads, state["params"], config.depth, kind=relevance)
         new_state = {**state, "params": params, "opt": opt, "step": state["step"] + 1}
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr_mult": lrm}
+        return new_state, metrics
 
     return step
 
@@ -248,7 +254,6 @@ def run(config: Config, ctx) -> Results:
     plan = ctx.plan(step_fn, state, train(start_step))
     state["total_steps"] = jnp.asarray(plan.max_steps or 0, jnp.int32)
     analytic_per_token = estimate_flops(cfg)
-    matmul_per_step = count_flops(step_fn, state, train(start_step)).matmul_flops
 
     prompt = val["inputs_BT"][0, 0, : min(16, config.sequence_len)]
     samples: list[tuple[int, str]] = []
@@ -273,12 +278,14 @@ def run(config: Config, ctx) -> Results:
     finally:
         if checkpointer:
             checkpointer.close()
-    if not samples or samples[-1][0] != start_step + result.steps:
-        sample_hook(start_step + result.steps, result.state)
-    return _report(config, ctx, cfg, result, tokens_per_step, analytic_per_token, matmul_per_step, train, samples)
+    # result.steps counts the resumed steps too: it is the step number reached.
+    if not samples or samples[-1][0] != result.steps:
+        sample_hook(result.steps, result.state)
+    return _report(config, ctx, cfg, result, tokens_per_step, analytic_per_token, train, samples)
 
 
-def _report(config, ctx, cfg, result, tokens_per_step, analytic_per_token, matmul_per_step, train, samples) -> Results:
+def _report(config, ctx, cfg, result, tokens_per_step, analytic_per_token, train, samples) -> Results:
+    matmul_per_step = result.flops_records["nanochat"].matmul_flops
     step_s = result.step_ms.median_ms / 1e3
     tokens_per_second = tokens_per_step / step_s if step_s > 0 else None
     flops_per_s = result.flops_per_step / step_s if step_s > 0 else None
@@ -306,7 +313,7 @@ def _report(config, ctx, cfg, result, tokens_per_step, analytic_per_token, matmu
         "entropy_floor_bpb": None if floor is None else floor.doc_bits_per_byte,
         "peak_memory_allocated_gb": ctx.train_summaries["nanochat"]["peak_memory_gb"],
     }
-    cum_flops = np.arange(1, len(result.losses) + 1) * result.flops_per_step
+    cum_flops = np.arange(result.steps - len(result.losses) + 1, result.steps + 1) * result.flops_per_step
     evals_x = [s * result.flops_per_step for s, _, _ in val_series]
     plot_curves(ctx.plot_path("loss_vs_flops.png"), {"train loss": (cum_flops, result.losses)},
                 markers={"val loss": (evals_x, [v for _, _, v in val_series])},
