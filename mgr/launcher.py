@@ -106,8 +106,9 @@ def _header_lines(summary: dict) -> list[tuple[str, str]]:
         ("status", summary.get("status", "?") + (f" ({summary['error'].splitlines()[0]})" if summary.get("error") else "")),
         ("command", meta.get("command", "")),
         ("device", f"{device.get('device_kind', '?')} ({device.get('platform', '?')})"),
-        ("budget", f"{requested or 'none'}; stopped by {budget.get('stopped_by')}, {budget.get('steps')} steps, "
-                   f"{fmt(budget.get('spent_flops'))} FLOPs spent" if budget.get("variants")
+        ("budget", f"{requested or 'none'}; stopped by {budget.get('stopped_by')}; steps "
+                   + ", ".join(f"{name} {v.get('steps')}" for name, v in budget["variants"].items())
+                   + f"; {fmt(budget.get('spent_flops'))} FLOPs spent in all" if budget.get("variants")
                    else "not used (no training loop in this run)"),
         ("seed", str(meta.get("seed"))),
         ("git", f"{(git.get('commit') or '?')[:12]}{' (dirty)' if git.get('dirty') else ''}"),
