@@ -47,8 +47,8 @@ class Config:
     matrix_lr: float = field(default=0.02, metadata={"help": "Muon learning rate of the block matrices"})
     weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "global-norm gradient clip (0 disables)"})
-    lr_warmup_steps: int = field(default=10, metadata={
-        "help": "linear LR warm-up steps (the harness's --warmup-steps only excludes steps from timing)"})
+    lr_warmup_steps: int = field(default=0, metadata={
+        "help": "linear LR warm-up steps; nanochat uses none (--warmup-steps only excludes steps from timing)"})
     lr_warmdown_frac: float = field(default=0.2, metadata={"help": "final fraction of steps decaying LR linearly"})
     final_lr_frac: float = field(default=0.0, metadata={"help": "LR multiplier reached at the end of warm-down"})
     attention_type: str = field(default="xla", metadata={"help": "attention kernel",
