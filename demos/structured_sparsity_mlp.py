@@ -23,26 +23,35 @@ from mgr.results import Results
 
 @dataclass
 class Config(V.BenchSpec):
-    d_model: int = field(default=512, metadata={"help": "MLP input/output width (ignored with --from-checkpoint)"})
-    d_hidden: int = field(default=2048, metadata={"help": "MLP hidden width (ignored with --from-checkpoint)"})
+    dmodel: int = field(default=512, metadata={"help": "MLP input/output width (ignored with --from-checkpoint)"})
+    expansion: int = field(default=4, metadata={"help": "MLP hidden width / dmodel"})
     keep_fracs: tuple[float, ...] = field(default=(0.75, 0.5, 0.25), metadata={
         "help": "fractions of hidden neurons kept, comma-separated"})
     importance: tuple[str, ...] = field(default=A.IMPORTANCE, metadata={
-        "help": "neuron importance: weight (norms), activation (calibration statistics)"})
-    two_four: bool = field(default=True, metadata={"help": "also run 2:4-masked dense and pruned variants"})
+        "help": "neuron importance, comma-separated: weight (||W1[:,i]||·||W2[i,:]||), activation (calibration "
+                "E|act_i|·||W2[i,:]||)"})
+    two_four: bool = field(default=True, metadata={
+        "help": "also run 2:4-masked dense and pruned variants (executed dense: JAX has no 2:4 kernel)"})
 
 
 def run(cfg: Config, ctx) -> Results:
     if not cfg.importance or set(cfg.importance) - set(A.IMPORTANCE):
         raise UserError(f"importance must be a non-empty subset of {', '.join(A.IMPORTANCE)}, got {cfg.importance}")
-    prob = S.make_mlp_problem(ctx.seed, cfg.d_model, cfg.d_hidden, cfg)
+    if not cfg.keep_fracs or cfg.expansion < 1:
+        raise UserError(f"keep_fracs must be non-empty and expansion >= 1, got {cfg.keep_fracs} and {cfg.expansion}")
+    prob = S.make_mlp_problem(ctx.seed, cfg.dmodel, cfg.expansion * cfg.dmodel, cfg)
     p = A.MLP(jnp.asarray(prob.w1_DH), jnp.asarray(prob.w2_HD))
+    d, h = p.w1_DH.shape
+    kept = {keep: A.kept_count(keep, h) for keep in cfg.keep_fracs}  # checks every fraction before any variant is built
+    if cfg.two_four and (d % 4 or any(k % 4 for k in kept.values())):
+        raise UserError(f"2:4 needs dmodel and every kept neuron count divisible by 4, got dmodel {d} and kept "
+                        f"{sorted(kept.values())} of {h}: choose other --keep-fracs or pass --no-two-four")
     variants = [V.Variant("2:4", A.mlp_apply, A.sparsify_2_4(p), nominal_flops=A.nominal_2_4_flops,
-                          info={"keep": 1.0, "importance": None, "2:4": True})] if cfg.two_four else []
+                          info={"keep": 1.0, "neurons": h, "importance": None, "2:4": True})] if cfg.two_four else []
     for keep in cfg.keep_fracs:
         for imp in cfg.importance:
             small, _ = A.prune_mlp(p, keep, importance=imp, x_ND=prob.x.train)
-            info = {"keep": keep, "importance": imp}
+            info = {"keep": keep, "neurons": kept[keep], "importance": imp}
             variants.append(V.Variant(f"{imp} keep={keep:g}", A.mlp_apply, small, info=info | {"2:4": False}))
             if cfg.two_four:
                 variants.append(V.Variant(f"{imp} keep={keep:g} +2:4", A.mlp_apply, A.sparsify_2_4(small),
@@ -50,10 +59,9 @@ def run(cfg: Config, ctx) -> Results:
 
     cmp = V.compare(V.Variant("dense", A.mlp_apply, p), variants, prob.x.bench, prob.x.val,
                     dtype=cfg.dtype, iters=cfg.iters, warmup=cfg.warmup)
-    d, h = p.w1_DH.shape
     V.plot_pareto(cmp.rows(), ctx.plot_path("pareto.png"), title=f"MLP {d}x{h} neuron pruning, {cfg.dtype}")
     return Results(
-        metrics={"comparison": cmp.to_dict(), "d_model": d, "d_hidden": h},
+        metrics={"comparison": cmp.to_dict(), "dmodel": d, "hidden": h},
         tables=[cmp.table(f"dense relu² MLP {d}x{h} vs pruned / 2:4")],
         notes=["Pruned variants execute a smaller dense MLP (kept neurons gathered once, outside the timed call).",
                "2:4 variants execute DENSE (no 2:4 kernel in JAX): 'nominal' columns are what a sparse kernel "

@@ -138,9 +138,9 @@ def randomized_svd(m_IO: jax.Array, key: jax.Array, *, rank: int, oversample: in
 _exact_svd = jax.jit(partial(jnp.linalg.svd, full_matrices=False))
 
 
-def _svd_triplets(m_IO, rank: int, method: str, key, oversample: int, power_iters: int):
-    """(u, s, vt) holding AT LEAST the top `rank` triplets: all of them for the exact SVD, whose one compiled
-    program per shape then serves every rank of a sweep; exactly `rank` for the randomized one."""
+def _svd_triplets(m_IO, rank: int, *, method: str, key, oversample: int, power_iters: int):
+    """(u, s, vt) holding AT LEAST the top `rank` triplets: all of them for the exact SVD (one decomposition
+    then serves every rank of a sweep), exactly `rank` for the randomized one."""
     _check_rank(rank, m_IO)
     if method == "exact":
         return _exact_svd(m_IO)
@@ -154,7 +154,8 @@ def _svd_triplets(m_IO, rank: int, method: str, key, oversample: int, power_iter
 def truncated_svd(m_IO, rank: int, *, method: str = "exact", key: jax.Array | None = None,
                   oversample: int = 10, power_iters: int = 2):
     """Top-`rank` (u_IR, s_R, vt_RO). method: "exact" (LAPACK SVD) or "randomized" (Halko, needs `key`)."""
-    u, s, vt = _svd_triplets(jnp.asarray(m_IO, jnp.float32), rank, method, key, oversample, power_iters)
+    u, s, vt = _svd_triplets(jnp.asarray(m_IO, jnp.float32), rank, method=method, key=key, oversample=oversample,
+                             power_iters=power_iters)
     return u[:, :rank], s[:rank], vt[:rank]
 
 
@@ -172,19 +173,31 @@ def _balanced(u_IK, s_K, vt_KO, left_II=None):
     return a_IK * c_K, vt_KO / c_K[:, None]
 
 
-def _low_rank_factors(m_IO, rank: int, *, left_II=None, method: str = "exact", key: jax.Array | None = None,
-                      oversample: int = 10, power_iters: int = 2) -> LowRank:
-    """(left @ u√s, √s vt) over the top `rank` triplets of m. Column i of each factor depends on triplet i
-    only, so slicing after the (shape-keyed) compiled work gives the same factors as truncating first."""
-    u, s, vt = _svd_triplets(jnp.asarray(m_IO, jnp.float32), rank, method, key, oversample, power_iters)
-    a_IK, b_KO = _balanced(u, s, vt, left_II)
-    return LowRank(a_IK[:, :rank], b_KO[:rank])
+def _low_rank_factors(m_IO, ranks, *, left_II=None, method: str = "exact", key: jax.Array | None = None,
+                      oversample: int = 10, power_iters: int = 2) -> dict[int, LowRank]:
+    """{r: (left @ u√s, √s vt) over the top r triplets of m} for every r in `ranks`. Column i of each factor
+    depends on triplet i only, so the exact SVD is computed (and balanced) once and sliced per rank; the
+    randomized one sketches each rank at that rank's own cost."""
+    if not ranks:
+        raise UserError("no ranks given")
+    m_IO = jnp.asarray(m_IO, jnp.float32)
+    for r in ranks:
+        _check_rank(r, m_IO)
+    svd = partial(_svd_triplets, m_IO, method=method, key=key, oversample=oversample, power_iters=power_iters)
+    if method == "exact":
+        a_IK, b_KO = _balanced(*svd(max(ranks)), left_II)
+        return {r: LowRank(a_IK[:, :r], b_KO[:r]) for r in ranks}
+    return {r: LowRank(*_balanced(*svd(r), left_II)) for r in ranks}
+
+
+def svd_low_rank_sweep(w_IO, ranks, **svd_kw) -> dict[int, LowRank]:
+    """Best rank-r approximation in Frobenius / spectral norm (Eckart–Young) for every r in `ranks`: balanced
+    truncated-SVD factors. svd_kw: method ("exact" | "randomized"), key, oversample, power_iters."""
+    return _low_rank_factors(w_IO, ranks, **svd_kw)
 
 
 def svd_low_rank(w_IO, rank: int, **svd_kw) -> LowRank:
-    """Best rank-r approximation in Frobenius / spectral norm (Eckart–Young): balanced truncated-SVD factors.
-    svd_kw: method ("exact" | "randomized"), key, oversample, power_iters."""
-    return _low_rank_factors(w_IO, rank, **svd_kw)
+    return svd_low_rank_sweep(w_IO, (rank,), **svd_kw)[rank]
 
 
 # ------------------------------------------------------------------------------------- data-aware
@@ -246,29 +259,45 @@ def whitening(x_NI, *, damping: float = 1e-4) -> Whitening:
     return Whitening(jnp.asarray((q * root).T, jnp.float32), jnp.asarray(q / root, jnp.float32), "eigh")
 
 
-def data_aware_low_rank(w_IO, x_NI, rank: int, *, diagonal: bool = False, damping: float = 1e-4,
-                        white: Whitening | None = None, **svd_kw) -> tuple[LowRank, str]:
-    """Rank-r factors minimising ||X (W - Ŵ)||_F over calibration activations X; returns (factors, path).
+def data_aware_low_rank_sweep(w_IO, x_NI, ranks, *, diagonal: bool = False, damping: float = 1e-4,
+                              white: Whitening | None = None, **svd_kw) -> tuple[dict[int, LowRank], str]:
+    """Rank-r factors minimising ||X (W - Ŵ)||_F over calibration activations X, for every r in `ranks`;
+    returns ({r: factors}, whitening path).
 
     With XᵀX = S Sᵀ, ||X(W - Ŵ)||_F = ||Sᵀ W - Sᵀ Ŵ||_F, so the optimum is Ŵ = S^{-T} [Sᵀ W]_r
-    (truncated SVD of the whitened weight). Pass a precomputed `white` to sweep ranks without refactoring XᵀX.
-
-    diagonal=True adds the optimal diagonal D on top of the fixed low-rank term: for output column j the
-    residual X(R_j - d_j e_j) (R = W - Ŵ) is minimised by d_j = (XᵀX R)_jj / (XᵀX)_jj. Columns are independent
-    in the Frobenius norm, so this is the exact optimum over D given Ŵ and can never increase the objective.
-    For non-square W the "diagonal" is the leading min(d_in, d_out) block: output j < m gets d_j · x_j.
+    (truncated SVD of the whitened weight). Pass a precomputed `white` to reuse one factorisation of XᵀX.
+    diagonal=True adds the optimal diagonal on top (see `with_optimal_diagonal`).
     """
     w_IO = jnp.asarray(w_IO, jnp.float32)
     x_NI = jnp.asarray(x_NI, jnp.float32)
     if x_NI.ndim != 2 or x_NI.shape[1] != w_IO.shape[0]:
         raise UserError(f"calibration activations must be (n, {w_IO.shape[0]}), got {tuple(x_NI.shape)}")
-    _check_rank(rank, w_IO)
+    for r in ranks:
+        _check_rank(r, w_IO)
     if white is None:
         white = whitening(x_NI, damping=damping)
-    factors = _low_rank_factors(_whiten(white.root_T, w_IO), rank, left_II=white.inv_root_T, **svd_kw)
+    factors = _low_rank_factors(_whiten(white.root_T, w_IO), ranks, left_II=white.inv_root_T, **svd_kw)
     if diagonal:
-        factors = factors._replace(d_M=_optimal_diagonal(gram(x_NI), w_IO - low_rank_weight(factors)))
+        g_II = gram(x_NI)
+        factors = {r: with_optimal_diagonal(f, w_IO, g_II) for r, f in factors.items()}
     return factors, white.path
+
+
+def data_aware_low_rank(w_IO, x_NI, rank: int, **kw) -> tuple[LowRank, str]:
+    factors, path = data_aware_low_rank_sweep(w_IO, x_NI, (rank,), **kw)
+    return factors[rank], path
+
+
+def with_optimal_diagonal(factors: LowRank, w_IO, g_II) -> LowRank:
+    """`factors` plus the diagonal D minimising ||X(W - Ŵ - D)||_F given Ŵ; g_II = XᵀX (see `gram`).
+
+    For output column j the residual X(R_j - d_j e_j) (R = W - Ŵ) is minimised by d_j = (XᵀX R)_jj / (XᵀX)_jj.
+    Columns are independent in the Frobenius norm, so this is the exact optimum over D given Ŵ and can never
+    increase the objective. For non-square W the "diagonal" is the leading min(d_in, d_out) block: output
+    j < m gets d_j · x_j. It costs 2n·min(d_in, d_out) FLOPs on top of the thin matmuls.
+    """
+    w_IO = jnp.asarray(w_IO, jnp.float32)
+    return factors._replace(d_M=_optimal_diagonal(g_II, w_IO - low_rank_weight(factors._replace(d_M=None))))
 
 
 @jax.jit
@@ -284,17 +313,26 @@ def _optimal_diagonal(g_II: jax.Array, r_IO: jax.Array) -> jax.Array:
     return jnp.where(g_M > 0, gr_M / jnp.where(g_M > 0, g_M, 1.0), 0.0)
 
 
-def low_rank_mlp(p: MLP, rank: int, *, x_ND=None, damping: float = 1e-4, **svd_kw) -> tuple[LowRankMLP, str]:
-    """Both MLP weights at rank r: plain SVD, or data-aware when calibration inputs x_ND are given (W1 fitted
-    to x, W2 to the dense layer's hidden activations relu(x W1)², each layer against its own dense input).
-    Returns (factors, whitening paths "up/down" or "svd")."""
+def low_rank_mlp_sweep(p: MLP, ranks, *, x_ND=None, damping: float = 1e-4,
+                       **svd_kw) -> tuple[dict[int, LowRankMLP], str]:
+    """Both MLP weights at rank r for every r in `ranks`: plain SVD, or data-aware when calibration inputs x_ND
+    are given (W1 fitted to x, W2 to the dense layer's hidden activations relu(x W1)², each layer against its
+    own dense input). Returns ({r: factors}, whitening paths "up/down" or "svd")."""
     if x_ND is None:
-        return LowRankMLP(svd_low_rank(p.w1_DH, rank, **svd_kw), svd_low_rank(p.w2_HD, rank, **svd_kw)), "svd"
-    x_ND = jnp.asarray(x_ND, jnp.float32)
-    up, up_path = data_aware_low_rank(p.w1_DH, x_ND, rank, damping=damping, **svd_kw)
-    hidden_NH = _hidden(p.w1_DH, x_ND)
-    down, down_path = data_aware_low_rank(p.w2_HD, hidden_NH, rank, damping=damping, **svd_kw)
-    return LowRankMLP(up, down), f"{up_path}/{down_path}"
+        up, down = svd_low_rank_sweep(p.w1_DH, ranks, **svd_kw), svd_low_rank_sweep(p.w2_HD, ranks, **svd_kw)
+        path = "svd"
+    else:
+        x_ND = jnp.asarray(x_ND, jnp.float32)
+        up, up_path = data_aware_low_rank_sweep(p.w1_DH, x_ND, ranks, damping=damping, **svd_kw)
+        down, down_path = data_aware_low_rank_sweep(p.w2_HD, _hidden(p.w1_DH, x_ND), ranks, damping=damping,
+                                                    **svd_kw)
+        path = f"{up_path}/{down_path}"
+    return {r: LowRankMLP(up[r], down[r]) for r in ranks}, path
+
+
+def low_rank_mlp(p: MLP, rank: int, **kw) -> tuple[LowRankMLP, str]:
+    factors, path = low_rank_mlp_sweep(p, (rank,), **kw)
+    return factors[rank], path
 
 
 @jax.jit

@@ -16,7 +16,13 @@ class Demo:
     run: Callable[[Any, Any], Results]
     kind: str = "demos"
     topic: str = ""
-    default_max_iterations: int = 100  # used when the user gives no budget at all
+    # Steps per training run when the user gives no budget at all: a number, or a function of the config for a
+    # demo with its own steps option (budget flags still replace it).
+    default_max_iterations: int | Callable[[Any], int] = 100
+
+    def default_iterations(self, config: Any) -> int:
+        default = self.default_max_iterations
+        return default(config) if callable(default) else default
 
     @property
     def default_topic(self) -> str:

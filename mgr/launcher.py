@@ -29,7 +29,7 @@ def launch(demo: Demo, config: Any, *, budget: Budget, seed: int, artifacts_dir:
            console: Console | None = None) -> tuple[int, dict]:
     """Run ``demo`` and write its run directory. Returns (exit code, summary)."""
     console = console or Console()
-    budget = budget.or_default(demo.default_max_iterations)
+    budget = budget.or_default(demo.default_iterations(config))
     kind, topic = kind or demo.kind, topic or demo.default_topic
     writer = RunWriter(artifacts_dir, kind, topic, run_id)
     writer.write_json("config.json", {"demo": demo.name, "config": config, "seed": seed, "budget": budget.to_dict()})

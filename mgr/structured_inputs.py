@@ -10,7 +10,8 @@ isotropic activations make data-aware methods pointless. Trained layers have nei
     up after the rotation, like the massive-activation channels of real LLMs;
   * MLP (relu², as nanochat): W1 (d x h), W2 (h x d) as above, with a log-normal gain per hidden neuron on W2's
     rows, because trained MLPs have very unequal neurons, which is what makes neuron pruning viable.
-Tokens are split into train (calibration), val (held-out error) and bench (timing) sets.
+Tokens are split into train (calibration, --tokens-train), val (held-out error, --tokens-val) and bench (the
+timed calls, --tokens) sets.
 
 Real layers (--from-checkpoint): `load_layer_arrays(path)` reads W1, W2 and the captured MLP inputs X of one
 block from a .npz exported from a trained nanochat checkpoint (missing path: UserError);
@@ -46,9 +47,9 @@ class InputSpec:
     outlier_scale: float = field(default=10.0, metadata={"help": "scale of the outlier channels"})
     neuron_gain_sigma: float = field(default=0.75, metadata={
         "help": "log-normal sigma of per-neuron output gains (generated MLPs)"})
-    n_train: int = field(default=2048, metadata={"help": "calibration tokens"})
-    n_val: int = field(default=2048, metadata={"help": "held-out tokens the output errors are measured on"})
-    n_bench: int = field(default=4096, metadata={"help": "tokens per timed call"})
+    tokens_train: int = field(default=2048, metadata={"help": "calibration tokens (factorisations, statistics)"})
+    tokens_val: int = field(default=1024, metadata={"help": "held-out tokens the output errors are measured on"})
+    tokens: int = field(default=2048, metadata={"help": "tokens per timed call (the bench split)"})
     from_checkpoint: str | None = field(default=None, metadata={
         "help": ".npz (w1, w2, x) exported from a trained nanochat layer; replaces the generated inputs"})
 
@@ -119,14 +120,19 @@ def correlated_activations(rng: np.random.Generator, n: int, d: int, spec: Input
     return x.astype(np.float32)
 
 
+def _total_tokens(spec: InputSpec) -> int:
+    if min(spec.tokens_train, spec.tokens_val, spec.tokens) < 1:
+        raise UserError(f"tokens_train, tokens_val and tokens (bench) must be >= 1, got {spec.tokens_train}, "
+                        f"{spec.tokens_val} and {spec.tokens}")
+    return spec.tokens_train + spec.tokens_val + spec.tokens
+
+
 def split_tokens(rng: np.random.Generator, x: np.ndarray, spec: InputSpec) -> Splits:
-    if min(spec.n_train, spec.n_val, spec.n_bench) < 1:
-        raise UserError("n_train, n_val and n_bench must be >= 1")
-    need = spec.n_train + spec.n_val + spec.n_bench
+    need = _total_tokens(spec)
     if x.shape[0] < need:
         raise UserError(f"need {need} activation rows (train+val+bench), got {x.shape[0]}")
     perm = rng.permutation(x.shape[0])
-    a, b = spec.n_train, spec.n_train + spec.n_val
+    a, b = spec.tokens_train, spec.tokens_train + spec.tokens_val
     return Splits(x[perm[:a]], x[perm[a:b]], x[perm[b:need]])
 
 
@@ -140,7 +146,7 @@ def make_linear_problem(seed: int, d_in: int, d_out: int, spec: InputSpec | None
     spec.validate(d_in, d_out)
     rng = np.random.default_rng(seed)
     w = decaying_weight(rng, d_in, d_out, spec)
-    x = correlated_activations(rng, spec.n_train + spec.n_val + spec.n_bench, d_in, spec)
+    x = correlated_activations(rng, _total_tokens(spec), d_in, spec)
     return LinearProblem(w, split_tokens(rng, x, spec))
 
 
@@ -154,7 +160,7 @@ def make_mlp_problem(seed: int, d: int, h: int, spec: InputSpec | None = None) -
     w1 = decaying_weight(rng, d, h, spec)
     gains = np.exp(spec.neuron_gain_sigma * rng.standard_normal(h))
     w2 = decaying_weight(rng, h, d, spec) * (gains / np.sqrt(np.mean(gains**2)))[:, None]
-    x = correlated_activations(rng, spec.n_train + spec.n_val + spec.n_bench, d, spec)
+    x = correlated_activations(rng, _total_tokens(spec), d, spec)
     return MLPProblem(w1, w2.astype(np.float32), split_tokens(rng, x, spec))
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from mgr.approx import relative_error
 from mgr.errors import UserError
-from mgr.flops import FlopsRecord, count_flops
+from mgr.flops import FlopsRecord, compile_and_count, count_flops
 from mgr.results import Table
 from mgr.structured_inputs import InputSpec
 from mgr.timing import Timing, measure
@@ -39,8 +39,8 @@ class BenchSpec(InputSpec):
 
     dtype: str = dataclasses.field(default="float32", metadata={
         "help": "compute dtype (errors are measured against the float32 dense output)", "choices": tuple(DTYPES)})
-    iters: int = dataclasses.field(default=20, metadata={"help": "timed calls per variant"})
-    warmup: int = dataclasses.field(default=3, metadata={"help": "untimed calls per variant before timing"})
+    iters: int = dataclasses.field(default=10, metadata={"help": "timed calls per variant"})
+    warmup: int = dataclasses.field(default=2, metadata={"help": "untimed calls per variant before timing"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,12 +105,12 @@ class Comparison:
         nominal = any(r.nominal_flops is not None for r in self.results)
         cols = ["variant", *info_cols, "rel err", "FLOPs", "FLOPs ratio", "median ms", "p10 ms", "p90 ms",
                 "speedup", "delivered", "TFLOP/s"]
-        cols += ["nominal FLOPs ratio", "nominal delivered"] if nominal else []
+        cols += ["nominal FLOPs", "nominal FLOPs ratio", "nominal delivered"] if nominal else []
         rows = []
         for r in self.results:
             row = [r.name, *(r.info.get(k) for k in info_cols), r.rel_err, r.record.flops, r.flops_ratio,
                    r.timing.median_ms, r.timing.p10_ms, r.timing.p90_ms, r.speedup, r.delivered, r.tflops]
-            rows.append(row + ([r.nominal_flops_ratio, r.nominal_delivered] if nominal else []))
+            rows.append(row + ([r.nominal_flops, r.nominal_flops_ratio, r.nominal_delivered] if nominal else []))
         return Table(title, cols, rows, note or f"{self.dtype}, {self.bench_tokens} timed tokens, "
                      f"errors on {self.eval_tokens} held-out tokens vs float32 dense")
 
@@ -156,20 +156,22 @@ def compare(dense: Variant, variants: Sequence[Variant], x_bench, x_eval, *, dty
     return Comparison(dtype, int(x_bench_c.shape[0]), int(x_eval_c.shape[0]), tuple(results))
 
 
-def setup_cost(fn: Callable, *args, jit: bool = True, iters: int = 3) -> dict[str, Any]:
+def setup_cost(fn: Callable, *args, jit: bool = True, iters: int = 1, warmup: int = 0) -> dict[str, Any]:
     """One-off cost of building a variant (an SVD, a whitening): median time and counted FLOPs.
 
+    The jitted path times the executable that was compiled to count the FLOPs, so no call pays for
+    compilation and one timed call (the default: a large SVD takes seconds) needs no warm-up; call it after
+    the variant has been built once, so that one-time library set-up (e.g. cuSOLVER handles) is not charged.
     LAPACK/cuSOLVER decompositions are custom calls that XLA cannot price: they appear in `unknown` and
     `flops_complete` is False, so the FLOPs figure covers only the surrounding matmuls. jit=False is for
     builders with host-side control flow (the whitening fallback chain): timed only, FLOPs not counted.
     """
     if not jit:
-        t = measure(fn, *args, iters=iters, warmup=1)
+        t = measure(fn, *args, iters=iters, warmup=warmup)
         return {**t.to_dict(), "flops": None, "flops_complete": False,
                 "unknown": ["host-side control flow: not traced"]}
-    jitted = jax.jit(fn)
-    record = count_flops(jitted, *args)
-    t = measure(jitted, *args, iters=iters, warmup=1)
+    record, compiled = compile_and_count(jax.jit(fn), *args)
+    t = measure(compiled, *args, iters=iters, warmup=warmup)
     return {**t.to_dict(), "flops": record.flops, "matmul_flops": record.matmul_flops,
             "flops_complete": not record.unknown, "unknown": list(record.unknown)}
 
@@ -187,31 +189,37 @@ def pareto_front(speedup: Sequence[float], err: Sequence[float]) -> np.ndarray:
 
 def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "",
                 err_floor: float = 1e-7) -> Path:
-    """Error vs speedup scatter (rows from Comparison.rows()), Pareto front joined and highlighted.
+    """Error vs speedup scatter (rows from Comparison.rows()), Pareto front joined and highlighted."""
+    return plot_pareto_panels({title: rows}, path, err_floor=err_floor)
 
-    Errors are drawn on a log axis, clipped at `err_floor` (the float32 dense baseline's error is ~0).
-    """
+
+def plot_pareto_panels(panels: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, *,
+                       err_floor: float = 1e-7) -> Path:
+    """One error-vs-speedup panel per comparison (title -> rows). Speedups are relative to each panel's own
+    dense baseline, so each layer gets its own front. Errors are drawn on a log axis, clipped at `err_floor`
+    (the float32 dense baseline's error is ~0)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["name"] for r in rows]
-    s = np.array([r["speedup"] for r in rows], float)
-    e = np.maximum(np.array([r["rel_err"] for r in rows], float), err_floor)
-    front = pareto_front(s, e)
-    fig, ax = plt.subplots(figsize=(7, 5))
-    ax.scatter(s[~front], e[~front], c="0.6", label="dominated")
-    order = np.argsort(s[front])
-    ax.plot(s[front][order], e[front][order], "o-", c="tab:red", label="Pareto front")
-    for name, xi, yi in zip(names, s, e):
-        ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.axvline(1.0, ls=":", c="0.4")
-    ax.set_yscale("log")
-    ax.set_xlabel("speedup vs dense (median time)")
-    ax.set_ylabel(f"relative output error (clipped at {err_floor:g})")
-    ax.set_title(title)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
+    for ax, (title, rows) in zip(axes[0], panels.items()):
+        names = [r["name"] for r in rows]
+        s = np.array([r["speedup"] for r in rows], float)
+        e = np.maximum(np.array([r["rel_err"] for r in rows], float), err_floor)
+        front = pareto_front(s, e)
+        ax.scatter(s[~front], e[~front], c="0.6", label="dominated")
+        order = np.argsort(s[front])
+        ax.plot(s[front][order], e[front][order], "o-", c="tab:red", label="Pareto front")
+        for name, xi, yi in zip(names, s, e):
+            ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.axvline(1.0, ls=":", c="0.4")
+        ax.set_yscale("log")
+        ax.set_xlabel("speedup vs dense (median time)")
+        ax.set_ylabel(f"relative output error (clipped at {err_floor:g})")
+        ax.set_title(title)
+        ax.legend()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from mgr import structured_inputs as S
 from mgr.errors import UserError
 
 D_IN, D_OUT = 48, 40
-SMALL = S.InputSpec(n_train=400, n_val=64, n_bench=64, outlier_channels=2, heavy_tail_df=5.0)
+SMALL = S.InputSpec(tokens_train=400, tokens_val=64, tokens=64, outlier_channels=2, heavy_tail_df=5.0)
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +254,7 @@ def test_low_rank_flops_match_analytic(flops):
 
 def test_pruned_mlp_flops_match_analytic(flops):
     n, d, h = 64, 128, 512  # relu² adds ~1/(2d) on top of the matmuls: inside the 1%
-    prob = S.make_mlp_problem(0, d, h, S.InputSpec(n_train=8, n_val=1, n_bench=1))
+    prob = S.make_mlp_problem(0, d, h, S.InputSpec(tokens_train=8, tokens_val=1, tokens=1))
     small, kept = A.prune_mlp(A.MLP(jnp.asarray(prob.w1_DH), jnp.asarray(prob.w2_HD)), 0.25)
     rec = flops.count_flops(A.mlp_apply, small, jnp.ones((n, d)))
     want = 2 * n * 2 * d * len(kept)
@@ -270,7 +270,7 @@ def test_pruned_mlp_flops_match_analytic(flops):
 
 
 def test_structured_weights_and_activations_have_the_requested_spectra():
-    spec = S.InputSpec(weight_alpha=1.5, act_beta=1.0, n_train=4000, n_val=10, n_bench=10)
+    spec = S.InputSpec(weight_alpha=1.5, act_beta=1.0, tokens_train=4000, tokens_val=10, tokens=10)
     prob = S.make_linear_problem(7, 64, 48, spec)
     s = np.linalg.svd(prob.w_IO.astype(np.float64), compute_uv=False)
     np.testing.assert_allclose(s / s[0], (np.arange(48) + 1.0) ** -1.5, rtol=1e-4)
@@ -290,13 +290,13 @@ def test_outlier_channels_and_bad_specs():
     std = x.std(axis=0)
     assert (std > 8 * np.median(std)).sum() == 3
     for bad in (S.InputSpec(weight_decay="linear"), S.InputSpec(heavy_tail_df=2.0), S.InputSpec(outlier_channels=99),
-                S.InputSpec(n_val=0)):
+                S.InputSpec(tokens_val=0)):
         with pytest.raises(UserError):
             S.make_linear_problem(0, 32, 16, bad)
 
 
 def test_layer_arrays_roundtrip_and_errors(tmp_path):
-    spec = S.InputSpec(n_train=20, n_val=5, n_bench=5)
+    spec = S.InputSpec(tokens_train=20, tokens_val=5, tokens=5)
     rng = np.random.default_rng(0)
     w1, w2, x = rng.standard_normal((8, 16)), rng.standard_normal((16, 8)), rng.standard_normal((30, 8))
     np.savez(tmp_path / "layer.npz", w1=w1, w2=w2, x=x)
@@ -304,7 +304,7 @@ def test_layer_arrays_roundtrip_and_errors(tmp_path):
     np.testing.assert_allclose(prob.w1_DH, w1.astype(np.float32))
     assert sorted(map(tuple, np.concatenate(prob.x))) == sorted(map(tuple, x.astype(np.float32)))
     # the --from-checkpoint hook: the file replaces the generated layer, whatever the sizes asked for
-    spec_ckpt = S.InputSpec(n_train=20, n_val=5, n_bench=5, from_checkpoint=str(tmp_path / "layer.npz"))
+    spec_ckpt = S.InputSpec(tokens_train=20, tokens_val=5, tokens=5, from_checkpoint=str(tmp_path / "layer.npz"))
     np.testing.assert_allclose(S.make_mlp_problem(0, 999, 999, spec_ckpt).w2_HD, w2.astype(np.float32))
     np.testing.assert_allclose(S.make_linear_problem(0, 999, 999, spec_ckpt).w_IO, w1.astype(np.float32))
     with pytest.raises(UserError):

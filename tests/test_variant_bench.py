@@ -9,7 +9,7 @@ from mgr.errors import UserError
 V = pytest.importorskip("mgr.variant_bench", reason="needs mgr.flops, mgr.timing and mgr.results")
 
 D, H = 64, 128
-SPEC = S.InputSpec(n_train=256, n_val=128, n_bench=256)
+SPEC = S.InputSpec(tokens_train=256, tokens_val=128, tokens=256)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_compare_fields_and_derived_figures(mlp_comparison):
     prob, p, small, cmp = mlp_comparison
     rows = cmp.rows()
     assert [r["name"] for r in rows] == ["dense", "pruned 50%", "2:4"]
-    n = SPEC.n_bench
+    n = SPEC.tokens
     dense, pruned, sparse = rows
     assert dense["matmul_flops"] == 2 * n * 2 * D * H
     assert pruned["matmul_flops"] == 2 * n * 2 * D * (H // 2)
@@ -74,7 +74,7 @@ def test_bfloat16_is_scored_against_float32_dense():
     dense, full = cmp.rows()
     assert cmp.dtype == "bfloat16"
     assert 1e-4 < dense["rel_err"] < 2e-2 and 1e-4 < full["rel_err"] < 3e-2
-    assert full["matmul_flops"] == 2 * SPEC.n_bench * 2 * D * D
+    assert full["matmul_flops"] == 2 * SPEC.tokens * 2 * D * D
 
 
 def test_compare_rejects_bad_input():
