@@ -154,7 +154,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, config: Con
         updates, opt = tx.update(grads, state["opt"], params)
         lrm = lr_multiplier(state["step"], state["total_steps"], config)
         params = optax.apply_updates(params, jax.tree.map(lambda u: lrm * u, updates))
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr_mult": lrm}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr_mult": lrm}
         if relevance is not None:
             metrics["block_relevance"] = block_relevance(grads, state["params"], config.depth, kind=relevance)
         new_state = {**state, "params": params, "opt": opt, "step": state["step"] + 1}
