@@ -33,6 +33,7 @@ import optax
 
 from mgr.demo import Demo
 from mgr.errors import UserError
+from mgr.plots import plot_curves
 from mgr.results import Results, Table
 
 MIXERS = ("attention", "gauge")
@@ -447,26 +448,16 @@ def run(config: Config, ctx) -> Results:
 
 
 def plot_losses(curves: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    lines, bands = {}, {}
+    n_seeds = 1
     for mixer, losses in curves.items():
         l_NS = np.asarray(losses, np.float64).reshape(len(losses), -1)  # [steps, seeds]
         steps = np.arange(1, len(l_NS) + 1)
-        ax.plot(steps, l_NS.mean(1), label=mixer)
-        if l_NS.shape[1] > 1:
-            ax.fill_between(steps, l_NS.min(1), l_NS.max(1), alpha=0.2)
-            ax.set_title(f"mean over {l_NS.shape[1]} seeds, band: min to max")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        lines[mixer] = (steps, l_NS.mean(1))
+        bands[mixer] = (l_NS.min(1), l_NS.max(1))
+        n_seeds = l_NS.shape[1]
+    plot_curves(path, lines, bands=bands if n_seeds > 1 else None, xlabel="step", ylabel="training loss",
+                title=f"mean over {n_seeds} seeds, band: min to max" if n_seeds > 1 else "", logy=True)
 
 
 DEMO = Demo(name="matrix-gauge", description="matrix-exponential gauge mixing (Givens transports, uniformized "

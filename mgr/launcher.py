@@ -6,6 +6,7 @@ import signal
 import traceback
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table as RichTable
 
@@ -135,7 +136,7 @@ def print_summary(summary: dict, console: Console) -> None:
     for key, value in _header_lines(summary):
         console.print(f"[bold]{key:>8}[/bold]  {value}", highlight=False, markup=True, soft_wrap=True)
     for table in summary_tables(summary):
-        rich_table = RichTable(title=table.title, title_justify="left")
+        rich_table = RichTable(title=table.title, title_justify="left", box=box.SIMPLE_HEAD)
         for col in table.columns:
             rich_table.add_column(str(col), overflow="fold")
         for row in table.rows:

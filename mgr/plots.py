@@ -13,11 +13,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def plot_curves(path: Path, curves: dict[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str,
                 ylabel: str, title: str = "", logx: bool = False, logy: bool = False,
-                markers: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None) -> Path:
-    """One line per curve; ``markers`` adds point series (e.g. eval losses) on the same axes."""
+                markers: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+                bands: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None) -> Path:
+    """One line per curve; ``bands`` shades (low, high) around the curve of the same name (e.g. min-max over
+    seeds); ``markers`` adds point series (e.g. eval losses) on the same axes."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     for name, (x, y) in curves.items():
-        ax.plot(x, y, label=name, linewidth=1.2)
+        line, = ax.plot(x, y, label=name, linewidth=1.2)
+        if bands and name in bands:
+            ax.fill_between(x, *bands[name], alpha=0.2, color=line.get_color())
     for name, (x, y) in (markers or {}).items():
         ax.plot(x, y, "o", label=name, markersize=4)
     ax.set_xlabel(xlabel)

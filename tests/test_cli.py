@@ -100,8 +100,7 @@ def test_show_reprints_the_tables(run_toy, capsys):
     assert again == first  # the same header and tables, from summary.json alone
     assert "Training (same budget for every variant)" in again and "Toy regression" in again
     for v in ("baseline", "cheap"):
-        assert any(line.split("│")[1].strip() == v and line.split("│")[2].strip() == "3"
-                   for line in again.splitlines() if line.count("│") > 3)
+        assert any(line.split()[:2] == [v, "3"] for line in again.splitlines())
 
 
 def _summary(tmp_path, name, *, loss, tflops, median_ms, memory, accuracy):
