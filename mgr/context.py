@@ -1,9 +1,10 @@
 """What the launcher hands a demo: seed, budget, run directory, and the one training loop that enforces the budget.
 
 Demos never write their own loop. ``RunContext.train`` compiles the step once (ahead of time, so the FLOPs the
-budget is planned with are the FLOPs of the very executable that runs), then steps without a host sync: the
-metrics of step s are read while step s+1 is already queued, which is also when the loss is checked for NaN/inf
-and the budget consulted.
+budget is planned with are the FLOPs of the very executable that runs), then steps without a host sync per step:
+metrics are fetched every ``sync_every`` steps in one transfer, the newest step left queued so the device never
+idles, and that is when losses are checked for NaN/inf and logged. A ``choose`` function (a schedule that picks
+the next step's variant) gets them every step, one step late. Budgets are counted on the host and need no sync.
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ class RunContext:
         self.console = console or Console(stderr=True)
         self.budget_records: dict[str, dict] = {}
         self.train_summaries: dict[str, dict] = {}
+        # Steps between metric reads when no schedule needs them sooner: each read syncs host and device, which
+        # cost ~3% of a 10 ms CPU step when done every step (bench/harness_overhead.py).
+        self.sync_every = 8
         # Compiled steps by function identity and argument shapes (the function is kept so its id is not reused).
         self._executables: dict[tuple, tuple[Callable, Any, FlopsRecord]] = {}
 
@@ -157,29 +161,41 @@ class RunContext:
 
         losses: list = []
         evals: list[tuple[int, dict]] = []
-        ready_times: list[float | None] = []
+        # (time a read window finished, steps it read); None marks a window spanning an eval or a hook.
+        windows: list[tuple[float, int] | None] = []
         variant_steps: dict[str, int] = {}
         last: dict | None = None
-        pending: tuple[int, dict] | None = None
+        pending: list[tuple[int, dict]] = []
+        # A schedule choosing the next step needs every step's metrics; otherwise one sync per window is enough.
+        window = 1 if choose else self.sync_every
+        timed_from = start_step + max(self.budget.warmup_steps, 1)
         paused_s = 0.0
         start = time.perf_counter()
 
-        def read(pending_step: int, metrics: dict) -> dict:
-            host = _host(metrics)
-            ready_times.append(time.perf_counter())
-            loss = np.asarray(host["loss"], dtype=np.float64)
-            losses.append(host["loss"])
-            self.writer.log({"variant": name, "step": pending_step, **host})
-            if not np.all(np.isfinite(loss)):
-                raise Diverged(f"{name}: non-finite loss at step {pending_step}")
-            return host
+        def read(keep_newest: bool) -> None:
+            """Fetch pending metrics in one transfer; the newest step may stay queued so the device never idles."""
+            nonlocal last
+            batch_read = pending[:-1] if keep_newest else pending[:]
+            if not batch_read:
+                return
+            del pending[:len(batch_read)]
+            hosts = jax.device_get([m for _, m in batch_read])
+            windows.append((time.perf_counter(), len(batch_read)))
+            for (at_step, _), host in zip(batch_read, hosts):
+                host = _host(host)
+                losses.append(host["loss"])
+                self.writer.log({"variant": name, "step": at_step, **host})
+                if not np.all(np.isfinite(np.asarray(host["loss"], dtype=np.float64))):
+                    raise Diverged(f"{name}: non-finite loss at step {at_step}")
+                last = host
+            progress.update(task, advance=len(batch_read), loss=f"{np.mean(last['loss']):.4f}")
 
         def paused(fn: Callable[[], None]) -> None:
             nonlocal paused_s
             t0 = time.perf_counter()
             fn()
             paused_s += time.perf_counter() - t0
-            ready_times.append(None)  # the interval spanning an eval or a hook is not a step time
+            windows.append(None)  # the next window spans an eval or a hook: it is not a step time
 
         def run_eval(at_step: int) -> None:
             result = _host(jit_eval(state))
@@ -206,26 +222,28 @@ class RunContext:
                     tracker.charge(record.flops)
                     label = name if key is None else str(key)
                     variant_steps[label] = variant_steps.get(label, 0) + 1
-                    if pending is not None:
-                        last = read(*pending)
-                        progress.update(task, advance=1, loss=f"{np.mean(last['loss']):.4f}")
-                    pending = (step, metrics)
+                    pending.append((step, metrics))
                     step += 1
+                    # Warm-up steps end a window of their own, so timed windows hold timed steps only.
+                    if len(pending) > window or step == timed_from + 1:
+                        read(keep_newest=True)
                     due_eval = jit_eval is not None and eval_every > 0 and step % eval_every == 0
                     due_hooks = [fn for every, fn in hooks if every > 0 and step % every == 0]
                     if due_eval or due_hooks:
-                        last = read(*pending)
-                        pending = None
+                        read(keep_newest=False)
                     if due_eval:
                         paused(lambda: run_eval(step))
                     for fn in due_hooks:
                         paused(lambda: fn(step, state))
-                if pending is not None:
-                    last = read(*pending)
+                read(keep_newest=False)
                 if jit_eval is not None and (not evals or evals[-1][0] != step):
                     paused(lambda: run_eval(step))
-        except (KeyboardInterrupt, Diverged) as exc:
-            tracker.stopped_by = "interrupted" if isinstance(exc, KeyboardInterrupt) else "diverged"
+        except KeyboardInterrupt:
+            tracker.stopped_by = "interrupted"
+            read(keep_newest=False)  # the steps that ran keep their metrics
+            raise
+        except Diverged:
+            tracker.stopped_by = "diverged"
             raise
         finally:
             wall = time.perf_counter() - start - paused_s
@@ -233,14 +251,18 @@ class RunContext:
             result = TrainResult(
                 state=state, steps=tracker.steps, stopped_by=tracker.stopped_by,
                 flops_per_step=first_record.flops, spent_flops=tracker.spent_flops,
-                step_ms=self._step_times(ready_times), wall_s=wall, losses=losses, evals=evals,
+                step_ms=_step_times(windows), wall_s=wall, losses=losses, evals=evals,
                 variant_steps=variant_steps, final_metrics=last or {},
                 flops_records={name if k is None else str(k): r for k, (_, r) in compiled.items()})
             self.train_summaries[name] = {**result.summary(), "peak_memory_gb": peak_memory_gb()}
         return result
 
-    def _step_times(self, ready_times: list[float | None]) -> Timing:
-        """Intervals between consecutive metric reads, skipping warm-up steps and intervals that span an eval."""
-        samples = [(b - a) * 1e3 for i, (a, b) in enumerate(zip(ready_times, ready_times[1:]))
-                   if a is not None and b is not None and i + 1 >= max(self.budget.warmup_steps, 1)]
-        return Timing.from_samples(samples)
+
+def _step_times(windows: list[tuple[float, int] | None]) -> Timing:
+    """One sample per timed step: a window's wall time over the steps it read. The first window (warm-up) only
+    starts the clock; windows spanning an eval or a hook are skipped."""
+    samples: list[float] = []
+    for prev, cur in zip(windows, windows[1:]):
+        if prev is not None and cur is not None:
+            samples += [(cur[0] - prev[0]) * 1e3 / cur[1]] * cur[1]
+    return Timing.from_samples(samples)
