@@ -4,7 +4,7 @@ Demos never write their own loop. ``RunContext.train`` compiles the step once (a
 budget is planned with are the FLOPs of the very executable that runs), then steps without a host sync per step:
 metrics are fetched every ``sync_every`` steps in one transfer, the newest step left queued so the device never
 idles, and that is when losses are checked for NaN/inf and logged. A ``choose`` function (a schedule that picks
-the next step's variant) gets them every step, one step late. Budgets are counted on the host and need no sync.
+the next step's variant) and a time budget get them every step, one step late.
 """
 
 from __future__ import annotations
@@ -166,8 +166,9 @@ class RunContext:
         variant_steps: dict[str, int] = {}
         last: dict | None = None
         pending: list[tuple[int, dict]] = []
-        # A schedule choosing the next step needs every step's metrics; otherwise one sync per window is enough.
-        window = 1 if choose else self.sync_every
+        # A schedule choosing the next step needs every step's metrics, and a time budget needs the host clock to
+        # track the device (async dispatch could queue a window of steps past the deadline); else one sync a window.
+        window = 1 if choose or self.budget.time_budget is not None else self.sync_every
         timed_from = start_step + max(self.budget.warmup_steps, 1)
         paused_s = 0.0
         start = time.perf_counter()
