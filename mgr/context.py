@@ -64,7 +64,8 @@ class TrainResult:
             "steps": self.steps,
             "stopped_by": self.stopped_by,
             "final_loss": _mean_if_vector(self.final_loss),
-            "flops_per_step": self.flops_per_step,
+            # Mean FLOPs charged per step: with several compiled variants (active depths) the first one's is not it.
+            "flops_per_step": self.spent_flops / self.steps if self.steps else self.flops_per_step,
             "spent_flops": self.spent_flops,
             "step_ms": self.step_ms.to_dict(),
             "tflops_per_s": self.tflops_per_s,
