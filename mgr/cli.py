@@ -154,7 +154,9 @@ def _show(run_dir: str) -> int:
 
 
 def _dispatch(argv: list[str]) -> int:
-    if argv[:1] == ["run"] and len(argv) >= 2 and not argv[1].startswith("-"):
+    if argv[:1] == ["run"]:
+        if len(argv) < 2 or argv[1].startswith("-"):
+            raise UserError("usage: mgr run <demo> [options]; `mgr list` shows the demos")
         return run_demo(argv[1], argv[2:], command=["mgr", *argv])
     from mgr.compare import add_compare_flags, compare_runs
     parser = OneLineParser(prog="mgr", description="Time-to-quality research harness.")
@@ -173,7 +175,7 @@ def _dispatch(argv: list[str]) -> int:
         return _show(args.run_dir)
     if args.command == "compare":
         return compare_runs(args, Console())
-    raise UserError("mgr run needs a demo name; see `mgr list`")
+    raise AssertionError(f"unhandled command {args.command!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
