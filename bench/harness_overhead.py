@@ -132,7 +132,8 @@ def run(config: Config, ctx) -> Results:
                   f"{config.steps} steps x {config.rounds} rounds",
                   ["loop", "ms/step fastest round", "median", "slowest", "CPU ms/step median",
                    "µs/step around a no-op step"], rows,
-                  note=f"overhead {100 * overhead:+.2f}% (fastest rounds; target within ±{100 * TARGET_OVERHEAD:.0f}%), "
+                  note=f"overhead {100 * overhead:+.2f}% "
+                       f"(fastest rounds; target within ±{100 * TARGET_OVERHEAD:.0f}%), "
                        f"{100 * overhead_paired:+.2f}% (median of paired rounds), CPU time {100 * cpu_overhead:+.2f}%; "
                        f"harness host work {harness_us - bare_us:.0f} µs/step = {100 * host_share:.2f}% of the step. "
                        "ms/step = loop wall time / steps; CPU = process time, all threads.")

@@ -104,7 +104,8 @@ def _header_lines(summary: dict) -> list[tuple[str, str]]:
     requested = ", ".join(f"{k}={fmt(budget.get(k))}" for k in ("max_iterations", "target_flops", "time_budget")
                           if budget.get(k) is not None)
     return [
-        ("status", summary.get("status", "?") + (f" ({summary['error'].splitlines()[0]})" if summary.get("error") else "")),
+        ("status", summary.get("status", "?")
+         + (f" ({summary['error'].splitlines()[0]})" if summary.get("error") else "")),
         ("command", meta.get("command", "")),
         ("device", f"{device.get('device_kind', '?')} ({device.get('platform', '?')})"),
         ("budget", f"{requested or 'none'}; stopped by {budget.get('stopped_by')}; steps "

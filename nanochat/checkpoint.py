@@ -56,7 +56,8 @@ def read_meta(path: str | Path) -> tuple[Path, int, dict[str, Any]]:
         with ocp.CheckpointManager(root) as manager:
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # orbax raises many types for unreadable checkpoints
-        raise UserError(f"--resume {path}: unreadable checkpoint metadata at step {step} ({e.__class__.__name__})") from None
+        raise UserError(f"--resume {path}: unreadable checkpoint metadata at step {step} "
+                        f"({e.__class__.__name__})") from None
     return root, step, meta
 
 
