@@ -13,9 +13,11 @@ isotropic activations make data-aware methods pointless. Trained layers have nei
 Tokens are split into train (calibration, --tokens-train), val (held-out error, --tokens-val) and bench (the
 timed calls, --tokens) sets.
 
-Real layers (--from-checkpoint): `load_layer_arrays(path)` reads W1, W2 and the captured MLP inputs X of one
-block from a .npz exported from a trained nanochat checkpoint (missing path: UserError);
-`mlp_problem_from_arrays` / `linear_problem_from_arrays` turn plain arrays into the same problems.
+Real layers (--from-checkpoint): `load_layer_arrays(path, ...)` gives W1 (c_fc), W2 (c_proj) and the captured MLP
+inputs X of one block (--checkpoint-layer) of a trained nanochat model, either straight from a run directory with
+orbax checkpoints (through nanochat.export, which captures X on the run's training data) or from a .npz that
+`python -m nanochat.export` wrote; linear problems take W1 as W. `mlp_problem_from_arrays` /
+`linear_problem_from_arrays` turn plain arrays into the same problems.
 """
 
 from __future__ import annotations
@@ -51,7 +53,11 @@ class InputSpec:
     tokens_val: int = field(default=1024, metadata={"help": "held-out tokens the output errors are measured on"})
     tokens: int = field(default=2048, metadata={"help": "tokens per timed call (the bench split)"})
     from_checkpoint: str | None = field(default=None, metadata={
-        "help": ".npz (w1, w2, x) exported from a trained nanochat layer; replaces the generated inputs"})
+        "help": "a trained nanochat layer replaces the generated inputs: a nanochat run directory (or its "
+                "checkpoints/ or checkpoints/STEP; newest step by default) or a .npz (w1, w2, x) from "
+                "`python -m nanochat.export`; W = the MLP's c_fc, X = the inputs that MLP sees"})
+    checkpoint_layer: int = field(default=0, metadata={
+        "help": "block whose MLP --from-checkpoint takes from a run directory (ignored for a .npz)"})
 
     def validate(self, d_in: int, d_out: int) -> None:
         if min(d_in, d_out) < 1:
@@ -141,7 +147,7 @@ def make_linear_problem(seed: int, d_in: int, d_out: int, spec: InputSpec | None
     (d_in/d_out are then taken from the file)."""
     spec = spec or InputSpec()
     if spec.from_checkpoint:
-        w1, _, x = load_layer_arrays(spec.from_checkpoint)
+        w1, _, x = _checkpoint_arrays(spec, seed)
         return linear_problem_from_arrays(w1, x, spec, seed)
     spec.validate(d_in, d_out)
     rng = np.random.default_rng(seed)
@@ -154,7 +160,7 @@ def make_mlp_problem(seed: int, d: int, h: int, spec: InputSpec | None = None) -
     """A generated relu² MLP, or with spec.from_checkpoint a real nanochat layer (d/h taken from the file)."""
     spec = spec or InputSpec()
     if spec.from_checkpoint:
-        return mlp_problem_from_arrays(*load_layer_arrays(spec.from_checkpoint), spec, seed)
+        return mlp_problem_from_arrays(*_checkpoint_arrays(spec, seed), spec, seed)
     spec.validate(d, h)
     rng = np.random.default_rng(seed)
     w1 = decaying_weight(rng, d, h, spec)
@@ -189,19 +195,27 @@ def linear_problem_from_arrays(w_IO, x_NI, spec: InputSpec | None = None, seed: 
     return LinearProblem(w, split_tokens(np.random.default_rng(seed), x, spec or InputSpec()))
 
 
-def load_layer_arrays(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(W1 d x h, W2 h x d, X n x d) of one nanochat MLP layer, from a .npz with keys w1, w2, x.
-
-    The .npz is exported from a trained nanochat checkpoint (MLP weights of one block and the inputs that
-    block's MLP saw on real tokens); orbax checkpoint directories are not read here directly.
-    """
+def load_layer_arrays(path: str | Path, *, layer: int = 0, n_tokens: int = 8192,
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(W1 d x h, W2 h x d, X n x d) of one nanochat MLP layer: block `layer` of the checkpoint in a run directory
+    (X captured on `n_tokens` tokens, see nanochat.export), or the arrays w1, w2, x of a .npz (layer, n_tokens and
+    seed do not apply: the file fixes them)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
-    if path.is_dir() or path.suffix != ".npz":
-        raise UserError(f"expected a .npz with arrays w1, w2, x exported from a nanochat layer, got {path}")
+    if path.is_dir():
+        # imported here: only checkpoint users pay for (and need) nanochat
+        from nanochat.export import layer_arrays
+        return layer_arrays(path, layer=layer, n_tokens=n_tokens, seed=seed)
+    if path.suffix != ".npz":
+        raise UserError(f"expected a nanochat run directory or a .npz with arrays w1, w2, x, got {path}")
     try:
         with np.load(path) as f:
             return _as_matrix("w1", f["w1"]), _as_matrix("w2", f["w2"]), _as_matrix("x", f["x"])
     except (KeyError, ValueError, OSError) as e:
         raise UserError(f"unreadable layer file {path}: {e}") from None
+
+
+def _checkpoint_arrays(spec: InputSpec, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return load_layer_arrays(spec.from_checkpoint, layer=spec.checkpoint_layer, n_tokens=_total_tokens(spec),
+                             seed=seed)

@@ -36,7 +36,7 @@ def _locate(path: str | Path) -> tuple[Path, int | None]:
     one step's directory such as <run>/checkpoints/3 (that step)."""
     path = Path(path).resolve()
     if not path.exists():
-        raise UserError(f"--resume {path}: no such directory")
+        raise UserError(f"checkpoint {path}: no such directory")
     if (path / CHECKPOINT_DIR).is_dir():
         return path / CHECKPOINT_DIR, None
     if path.is_dir() and path.name.isdigit():
@@ -50,13 +50,13 @@ def read_meta(path: str | Path) -> tuple[Path, int, dict[str, Any]]:
     if step is None:
         steps = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
         if not steps:
-            raise UserError(f"--resume {path}: no checkpoint found")
+            raise UserError(f"checkpoint {path}: no checkpoint found")
         step = steps[-1]
     try:
         with ocp.CheckpointManager(root) as manager:
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # orbax raises many types for unreadable checkpoints
-        raise UserError(f"--resume {path}: unreadable checkpoint metadata at step {step} "
+        raise UserError(f"checkpoint {path}: unreadable checkpoint metadata at step {step} "
                         f"({e.__class__.__name__})") from None
     return root, step, meta
 
@@ -68,6 +68,6 @@ def restore_arrays(root: Path, step: int, like: Any) -> Any:
         with ocp.CheckpointManager(root) as manager:
             restored = manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract)))
     except Exception as e:  # orbax raises many types for corrupt or mismatched trees
-        raise UserError(f"--resume {root}: cannot restore step {step} ({e.__class__.__name__}: "
+        raise UserError(f"checkpoint {root}: cannot restore step {step} ({e.__class__.__name__}: "
                         f"{str(e).splitlines()[0][:160]})") from None
     return restored["arrays"]

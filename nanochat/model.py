@@ -196,6 +196,17 @@ class GPT(nnx.Module):
             x_BTD, _ = self._run_blocks(graphdef, _layers(state, n_frozen, L), x_BTD, cos_sin, self.attention)
         return self._head(x_BTD)
 
+    def mlp_input(self, idx_BT: jax.Array, layer: int) -> jax.Array:
+        """x_BTD that block `layer`'s MLP reads, rms_norm(h + attn(rms_norm(h))) with h the residual stream entering
+        the block: the calibration activations of a trained layer (nanochat/export.py)."""
+        x_BTD, cos_sin = self._embed(idx_BT, jnp.arange(idx_BT.shape[1]))
+        graphdef, state = self._block_state()
+        if layer:
+            x_BTD, _ = self._run_blocks(graphdef, _layers(state, 0, layer), x_BTD, cos_sin, self.attention)
+        block = nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], state))
+        a_BTD, _ = block.attn(rms_norm(x_BTD), cos_sin, implementation=self.attention)
+        return rms_norm(x_BTD + a_BTD)
+
     def init_kv_cache(self, batch: int, length: int):
         shape = (self.cfg.n_layer, batch, length, self.cfg.n_kv_head, self.cfg.head_dim)
         return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)

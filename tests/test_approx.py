@@ -312,7 +312,7 @@ def test_layer_arrays_roundtrip_and_errors(tmp_path):
     with pytest.raises(UserError):
         S.load_layer_arrays(tmp_path / "missing.npz")
     with pytest.raises(UserError):
-        S.load_layer_arrays(tmp_path)  # an orbax-style directory is not read
+        S.load_layer_arrays(tmp_path)  # a directory without a nanochat checkpoint
     np.savez(tmp_path / "partial.npz", w1=w1)
     with pytest.raises(UserError):
         S.load_layer_arrays(tmp_path / "partial.npz")
