@@ -1,12 +1,15 @@
 """The `mgr` command: bad input is one `error:` line and exit 2; list, help, show and compare do their job."""
 
 import json
+import subprocess
+import sys
 
+import jax
 import pytest
 
 import demos
 from mgr.cli import main
-from tests.conftest import TOY_MODULE, one_error_line, read_json
+from tests.conftest import REPO, TOY_MODULE, one_error_line, read_json
 
 
 @pytest.fixture(autouse=True)
@@ -169,3 +172,14 @@ def test_compare_tolerance_flags(tmp_path, capsys):
     cand = _summary(tmp_path, "cand", **{**BASE, "loss": 2.2})  # +10% loss
     assert main(["compare", base, cand, "--fail-on-regression", "--loss-tolerance", "0.2"]) == 0
     assert main(["compare", base, cand, "--fail-on-regression", "--loss-tolerance", "0.05"]) == 1
+
+
+def test_missing_gpu_is_one_error_line(tmp_path):
+    """Selecting a platform the machine lacks is checked in a fresh process: it changes JAX's global config."""
+    if jax.default_backend() == "gpu":
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run([sys.executable, "-m", "mgr.cli", "run", "matrix-gauge", "--device", "gpu",
+                           "--artifacts-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --device gpu: no GPU backend is available"]
+    assert not any(tmp_path.iterdir())  # nothing written before the device is known
