@@ -17,7 +17,6 @@ from mgr.errors import UserError
 from mgr.results import to_jsonable
 
 SCHEMA_VERSION = "mgr.telemetry.v1"
-STATUSES = ("completed", "interrupted", "diverged", "failed")
 
 
 def default_run_id() -> str:

@@ -8,7 +8,6 @@ from typing import Any
 
 from mgr.errors import UserError
 
-STOP_REASONS = ("max_iterations", "target_flops", "time_budget")
 
 
 @dataclasses.dataclass(frozen=True)

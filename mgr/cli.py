@@ -22,52 +22,46 @@ class OneLineParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def _positive_int():
-    def parse(text: str) -> int:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}") from None
-        # NaN and inf are checked first: int() raises on them instead of answering.
-        if not math.isfinite(value) or value != int(value) or value <= 0:
-            raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
-        return int(value)
-    return parse
+def _positive_int(text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}") from None
+    # NaN and inf are checked first: int() raises on them instead of answering.
+    if not math.isfinite(value) or value != int(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return int(value)
 
 
-def _positive_float():
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-        if not value > 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
-        return value
-    return parse
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
 
 
-def _non_negative_int():
-    def parse(text: str) -> int:
-        if not text.isdigit():
-            raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
-        return int(text)
-    return parse
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return int(text)
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     """Flags every run shares: budget, seed, artifacts, device."""
     b = parser.add_argument_group("budget (the run stops at the first one reached)")
-    b.add_argument("--max-iterations", type=_positive_int(), help="training steps per variant")
-    b.add_argument("--target-flops", type=_positive_float(),
+    b.add_argument("--max-iterations", type=_positive_int, help="training steps per variant")
+    b.add_argument("--target-flops", type=_positive_float,
                    help="FLOPs per variant; steps = ceil(F / measured FLOPs per step)")
-    b.add_argument("--time-budget", type=_positive_float(),
+    b.add_argument("--time-budget", type=_positive_float,
                    help="seconds of training per variant (compilation and eval excluded)")
-    b.add_argument("--warmup-steps", type=_non_negative_int(), default=1,
+    b.add_argument("--warmup-steps", type=_non_negative_int, default=1,
                    help="steps excluded from throughput figures, not from the budget (default: 1)")
     r = parser.add_argument_group("run")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--artifacts-dir", default="artifacts")
+    r.add_argument("--seed", type=int, default=0, help="seed of the run's PRNG key and data order (default: 0)")
+    r.add_argument("--artifacts-dir", default="artifacts", help="root of the run directories (default: artifacts)")
     r.add_argument("--artifacts-kind", help="override the demo's kind (first directory level)")
     r.add_argument("--artifacts-topic", help="override the demo's topic (second directory level)")
     r.add_argument("--run-id", help="run directory name (default: YYYYMMDD_HHMMSS)")

@@ -16,26 +16,37 @@ from mgr.results import fmt
 # (category, direction) by key suffix: +1 means higher is better, -1 lower is better.
 _RULES: tuple[tuple[str, str, int], ...] = (
     ("tflops_per_s", "throughput", +1), ("tokens_per_second", "throughput", +1), ("mfu", "throughput", +1),
-    ("step_ms.median_ms", "throughput", -1), ("median_ms", "throughput", -1),
+    ("median_ms", "throughput", -1),
     ("loss", "loss", -1), ("bpb", "loss", -1), ("error", "loss", -1),
     ("memory_gb", "memory", -1), ("memory", "memory", -1),
 )
-_SKIP = ("tables", "notes", "plots", "flops.", "p10_ms", "p90_ms", "samples_ms")
+# Key segments that are presentation, estimator records or spread, not metrics to compare. Whole segments are
+# matched, so a variant named "notes" or "narrow" is still compared.
+_SKIP = frozenset({"tables", "notes", "plots", "flops", "p10_ms", "p90_ms", "samples_ms", "n"})
 
 
 def _compared(key: str) -> bool:
-    # A sample count ("....n") is matched as a whole last segment: a substring ".n" would also drop "train.narrow...".
-    return not any(s in key for s in _SKIP) and key.rsplit(".", 1)[-1] != "n"
+    return _SKIP.isdisjoint(key.split("."))
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a fraction >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a fraction >= 0, got {text!r}")
+    return value
 
 
 def add_compare_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("baseline", help="baseline run directory")
     parser.add_argument("candidate", help="candidate run directory")
-    parser.add_argument("--throughput-tolerance", type=float, default=0.05,
+    parser.add_argument("--throughput-tolerance", type=_tolerance, default=0.05,
                         help="allowed relative throughput loss before it counts as a regression (default 0.05)")
-    parser.add_argument("--loss-tolerance", type=float, default=0.02,
+    parser.add_argument("--loss-tolerance", type=_tolerance, default=0.02,
                         help="allowed relative loss/error increase (default 0.02)")
-    parser.add_argument("--memory-tolerance", type=float, default=0.10,
+    parser.add_argument("--memory-tolerance", type=_tolerance, default=0.10,
                         help="allowed relative peak-memory increase (default 0.10)")
     parser.add_argument("--fail-on-regression", action="store_true", help="exit 1 if any metric regresses")
 

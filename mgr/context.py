@@ -158,7 +158,6 @@ class RunContext:
         for _ in range(start_step):
             tracker.charge(first_record.flops)
         self.budget_records[name] = tracker.record()
-        jit_eval = eval_fn
 
         losses: list = []
         evals: list[tuple[int, dict]] = []
@@ -200,7 +199,7 @@ class RunContext:
             windows.append(None)  # the next window spans an eval or a hook: it is not a step time
 
         def run_eval(at_step: int) -> None:
-            result = _host(jit_eval(state))
+            result = _host(eval_fn(state))
             evals.append((at_step, result))
             self.writer.log({"variant": name, "step": at_step, "eval": result})
 
@@ -229,7 +228,7 @@ class RunContext:
                     # Warm-up steps end a window of their own, so timed windows hold timed steps only.
                     if len(pending) > window or step == timed_from + 1:
                         read(keep_newest=True)
-                    due_eval = jit_eval is not None and eval_every > 0 and step % eval_every == 0
+                    due_eval = eval_fn is not None and eval_every > 0 and step % eval_every == 0
                     due_hooks = [fn for every, fn in hooks if every > 0 and step % every == 0]
                     if due_eval or due_hooks:
                         read(keep_newest=False)
@@ -238,7 +237,7 @@ class RunContext:
                     for fn in due_hooks:
                         paused(lambda: fn(step, state))
                 read(keep_newest=False)
-                if jit_eval is not None and (not evals or evals[-1][0] != step):
+                if eval_fn is not None and (not evals or evals[-1][0] != step):
                     paused(lambda: run_eval(step))
         except KeyboardInterrupt:
             tracker.stopped_by = "interrupted"

@@ -21,11 +21,24 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _whole_number(text: str) -> int:
+    """An int, also written in float notation (1e4, 2048.0), as sizes and step counts often are."""
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)
+        if not value.is_integer():
+            raise
+        return int(value)
+
+
 def _scalar_parser(tp: type):
+    convert = _whole_number if tp is int else tp
+
     def parse(text: str):
         try:
-            return tp(float(text)) if tp is int and text.lower().replace("e", "", 1).isdigit() else tp(text)
-        except ValueError:
+            return convert(text)
+        except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"expects {tp.__name__}, got {text!r}") from None
     return parse
 

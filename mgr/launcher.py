@@ -97,21 +97,26 @@ def summary_tables(summary: dict) -> list[Table]:
     return ([train] if train else []) + tables
 
 
-def _header_lines(summary: dict) -> list[tuple[str, str]]:
-    meta, budget = summary.get("meta", {}), summary.get("budget", {})
-    device = meta.get("device", {})
-    git = meta.get("git", {})
+def _budget_line(budget: dict) -> str:
+    if not budget.get("variants"):
+        return "not used (no training loop in this run)"
     requested = ", ".join(f"{k}={fmt(budget.get(k))}" for k in ("max_iterations", "target_flops", "time_budget")
                           if budget.get(k) is not None)
+    steps = ", ".join(f"{name} {v.get('steps')}" for name, v in budget["variants"].items())
+    return (f"{requested or 'none'}; stopped by {budget.get('stopped_by')}; steps {steps}; "
+            f"{fmt(budget.get('spent_flops'))} FLOPs spent in all")
+
+
+def _header_lines(summary: dict) -> list[tuple[str, str]]:
+    meta = summary.get("meta", {})
+    device = meta.get("device", {})
+    git = meta.get("git", {})
     return [
         ("status", summary.get("status", "?")
          + (f" ({summary['error'].splitlines()[0]})" if summary.get("error") else "")),
         ("command", meta.get("command", "")),
         ("device", f"{device.get('device_kind', '?')} ({device.get('platform', '?')})"),
-        ("budget", f"{requested or 'none'}; stopped by {budget.get('stopped_by')}; steps "
-                   + ", ".join(f"{name} {v.get('steps')}" for name, v in budget["variants"].items())
-                   + f"; {fmt(budget.get('spent_flops'))} FLOPs spent in all" if budget.get("variants")
-                   else "not used (no training loop in this run)"),
+        ("budget", _budget_line(summary.get("budget", {}))),
         ("seed", str(meta.get("seed"))),
         ("git", f"{(git.get('commit') or '?')[:12]}{' (dirty)' if git.get('dirty') else ''}"),
         ("run dir", summary.get("run_dir", "")),
@@ -127,8 +132,7 @@ def render_markdown(summary: dict) -> str:
         lines += [table.markdown()]
     for note in summary.get("results", {}).get("notes", []):
         lines.append(f"- {note}")
-    plots = sorted(p for p in (summary.get("results", {}).get("plots") or []))
-    for p in plots:
+    for p in summary.get("results", {}).get("plots") or []:
         lines.append(f"![{p}]({p})")
     return "\n".join(lines) + "\n"
 

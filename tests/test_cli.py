@@ -58,6 +58,8 @@ def test_target_smaller_than_one_step(run_toy, capsys):
     ([], ["command"]),
     (["frobnicate"], ["invalid choice"]),
     (["show", "/nonexistent/run"], ["/nonexistent/run/summary.json", "does not exist"]),
+    (["compare", "a", "b", "--loss-tolerance", "-1"], ["--loss-tolerance", ">= 0"]),
+    (["run", "toy", "--width", "1.55e1"], ["--width", "int", "'1.55e1'"]),
 ])
 def test_bad_input_is_one_error_line(toy, capsys, argv, expected):
     assert main(argv) == 2
@@ -183,3 +185,9 @@ def test_missing_gpu_is_one_error_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --device gpu: no GPU backend is available"]
     assert not any(tmp_path.iterdir())  # nothing written before the device is known
+
+
+def test_whole_numbers_may_be_written_as_floats(run_toy):
+    code, run_dir = run_toy("sci", "--max-iterations", "2", "--width", "1.6e1")
+    assert code == 0
+    assert read_json(run_dir / "config.json")["config"]["width"] == 16
