@@ -66,14 +66,9 @@ def to_jsonable(value: Any) -> Any:
         return [to_jsonable(v) for v in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_jsonable(value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value))
-    if hasattr(value, "__array__") and not isinstance(value, (str, bytes)):
+    if hasattr(value, "__array__"):  # numpy and jax arrays and scalars
         arr = np.asarray(value)
         return to_jsonable(arr.tolist()) if arr.ndim else to_jsonable(arr.item())
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        return v if math.isfinite(v) else None
-    if isinstance(value, (np.bool_,)):
-        return bool(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
     return value
