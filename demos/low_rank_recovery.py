@@ -39,7 +39,8 @@ class Config(V.BenchSpec):
     expansion: int = field(default=4, metadata={"help": "MLP hidden width / dmodel"})
     rank_fracs: tuple[float, ...] = field(default=(1 / 8, 1 / 4), metadata={
         "help": "ranks of every replaced weight as fractions of dmodel, comma-separated"})
-    inits: tuple[str, ...] = field(default=INITS, metadata={"help": "initialisations: svd, data-aware"})
+    inits: tuple[str, ...] = field(default=INITS, metadata={
+        "help": "initialisations, comma-separated: svd, data-aware"})
     steps: int = field(default=300, metadata={
         "help": "distillation steps per run when no budget flag is given; --max-iterations, --target-flops "
                 "or --time-budget replace it"})
@@ -105,10 +106,13 @@ def learning_rate(cfg: Config, layer: Layer) -> float:
 
 def distill(layer: Layer, cfg: Config, ctx, ranks: list[int]) -> tuple[list[V.Variant], list[list], dict, dict]:
     """Every (rank, init) of one layer distilled under the run's budget: (variants before/after, table rows,
-    training summaries, whitening paths)."""
+    held-out error curves, whitening paths). Steps, step times and FLOPs/step are in the launcher's training
+    table (results.train)."""
     dense_fn = jax.jit(layer.dense.fn)
     x_train, x_val = jnp.asarray(layer.x.train), jnp.asarray(layer.x.val)
-    y_train, y_val = dense_fn(layer.dense.params, x_train), dense_fn(layer.dense.params, x_val)
+    # the same float32 reference compare() scores against: TF32 targets (GPU default) would be fitted as signal
+    with jax.default_matmul_precision("highest"):
+        y_train, y_val = dense_fn(layer.dense.params, x_train), dense_fn(layer.dense.params, x_val)
     n_train = x_train.shape[0]
 
     def batch_fn(step: int) -> dict:
@@ -118,7 +122,7 @@ def distill(layer: Layer, cfg: Config, ctx, ranks: list[int]) -> tuple[list[V.Va
     val_err = jax.jit(lambda q, x, y: A.relative_error_array(layer.low_rank_apply(q, x), y))
     opt = optax.adam(learning_rate(cfg, layer))
     step = make_step(layer.low_rank_apply, opt, float(jnp.mean(jnp.square(y_train))))
-    variants, rows, training, paths = [], [], {}, {}
+    variants, rows, curves, paths = [], [], {}, {}
     for init in cfg.inits:
         factors, paths[init] = layer.factors(init, ranks)
         for r in ranks:
@@ -126,15 +130,15 @@ def distill(layer: Layer, cfg: Config, ctx, ranks: list[int]) -> tuple[list[V.Va
             res = ctx.train(name, step, {"params": factors[r], "opt": opt.init(factors[r])}, batch_fn,
                             eval_fn=lambda state: {"val_rel_err": val_err(state["params"], x_val, y_val)},
                             eval_every=cfg.eval_every)
-            training[name] = {**res.summary(), "evals": res.evals}
-            rows.append([name, res.steps, res.stopped_by, res.spent_flops, res.step_ms.median_ms,
-                         float(val_err(factors[r], x_val, y_val)), res.evals[-1][1]["val_rel_err"]])
+            curves[name] = res.evals
+            rows.append([name, res.spent_flops, float(val_err(factors[r], x_val, y_val)),
+                         res.evals[-1][1]["val_rel_err"]])
             info = {"rank": r, "init": init}
             variants += [V.Variant(f"{init} r={r}", layer.low_rank_apply, factors[r],
                                    info=info | {"fine-tuned": False}),
                          V.Variant(f"{init} r={r} +ft", layer.low_rank_apply, res.state["params"],
                                    info=info | {"fine-tuned": True})]
-    return variants, rows, training, paths
+    return variants, rows, curves, paths
 
 
 def run(cfg: Config, ctx) -> Results:
@@ -147,17 +151,17 @@ def run(cfg: Config, ctx) -> Results:
     for which in BENCHMARKS[cfg.benchmark]:
         layer = make_layer(which, cfg, ctx.seed)
         ranks = A.ranks_for(cfg.rank_fracs, layer.full_rank)
-        variants, rows, training, paths[which] = distill(layer, cfg, ctx, ranks)
+        variants, rows, curves, paths[which] = distill(layer, cfg, ctx, ranks)
         cmp = V.compare(layer.dense, variants, layer.x.bench, layer.x.val, dtype=cfg.dtype, iters=cfg.iters,
                         warmup=cfg.warmup)
-        metrics[which] = {"comparison": cmp.to_dict(), "training": training, "whitening_paths": paths[which],
+        metrics[which] = {"comparison": cmp.to_dict(), "val_rel_err_curves": curves, "whitening_paths": paths[which],
                           "layer": layer.name, "ranks": ranks, "lr": learning_rate(cfg, layer)}
         tables.append(cmp.table(f"{layer.name}: dense vs low rank, before/after distillation"))
         panels[f"{layer.name}, {cfg.dtype}"] = cmp.rows()
         train_rows += rows
     V.plot_pareto_panels(panels, ctx.plot_path("pareto.png"))
     tables.append(Table("distillation (same budget for every run)",
-                        ["run", "steps", "stopped by", "train FLOPs", "step ms", "val err before", "val err after"],
+                        ["run", "train FLOPs", "val err before", "val err after"],
                         train_rows, "val err: relative output error on held-out tokens (float32); Adam lr "
                         + ", ".join(f"{m['layer']} {m['lr']:.3g}" for m in metrics.values())))
     return Results(

@@ -11,13 +11,29 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def figure(n_panels: int = 1):
+    """A row of ``n_panels`` axes in the house style (size, dpi, light grid); returns (fig, axes list)."""
+    fig, axes = plt.subplots(1, n_panels, figsize=(6.4 * n_panels, 4.0 if n_panels == 1 else 4.8), dpi=110,
+                             squeeze=False)
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+    return fig, list(axes[0])
+
+
+def save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_curves(path: Path, curves: dict[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str,
                 ylabel: str, title: str = "", logx: bool = False, logy: bool = False,
                 markers: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
                 bands: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None) -> Path:
     """One line per curve; ``bands`` shades (low, high) around the curve of the same name (e.g. min-max over
     seeds); ``markers`` adds point series (e.g. eval losses) on the same axes."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    fig, (ax,) = figure()
     for name, (x, y) in curves.items():
         line, = ax.plot(x, y, label=name, linewidth=1.2)
         if bands and name in bands:
@@ -32,10 +48,6 @@ def plot_curves(path: Path, curves: dict[str, tuple[Sequence[float], Sequence[fl
         ax.set_yscale("log")
     if title:
         ax.set_title(title)
-    ax.grid(alpha=0.3)
     if curves or markers:
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save(fig, path)

@@ -2,9 +2,9 @@
 
 Every variant is `fn(params, x) -> y` with params passed as ARGUMENTS (not closed over): closed-over weights
 become compile-time constants that XLA may fold (e.g. pre-multiply a @ b), which would time something other
-than the variant. Each is jitted once, priced with mgr.flops.count_flops, timed with mgr.timing.measure on the
-bench tokens, and scored on held-out tokens against the float32 dense output computed at HIGHEST precision
-(so bfloat16 variants, and TF32 on GPUs, are charged their own rounding).
+than the variant. Each is compiled once for the bench tokens, priced with mgr.flops.compile_and_count, that
+executable timed with mgr.timing.measure, and scored on held-out tokens against the float32 dense output computed
+at HIGHEST precision (so bfloat16 variants, and TF32 on GPUs, are charged their own rounding).
 
 Derived figures: speedup = dense median / variant median; flops_ratio = variant FLOPs / dense FLOPs;
 delivered = speedup / (dense FLOPs / variant FLOPs), the fraction of the FLOP saving that turned into time
@@ -25,7 +25,7 @@ import numpy as np
 
 from mgr.approx import relative_error
 from mgr.errors import UserError
-from mgr.flops import FlopsRecord, compile_and_count, count_flops
+from mgr.flops import FlopsRecord, compile_and_count
 from mgr.results import Table
 from mgr.structured_inputs import InputSpec
 from mgr.timing import Timing, measure
@@ -139,21 +139,20 @@ def compare(dense: Variant, variants: Sequence[Variant], x_bench, x_eval, *, dty
 
     def run(v: Variant) -> tuple[FlopsRecord, Timing, float, float | None]:
         fn, params = jax.jit(v.fn), cast_floats(v.params, cdt)
-        record = count_flops(fn, params, x_bench_c)
-        timing = measure(fn, params, x_bench_c, iters=iters, warmup=warmup)
+        # time the executable that was priced: jit dispatch would compile the bench shape a second time
+        record, compiled = compile_and_count(fn, params, x_bench_c)
+        timing = measure(compiled, params, x_bench_c, iters=iters, warmup=warmup)
         err = relative_error(fn(params, x_eval_c), y_ref)
         nominal = v.nominal_flops(record) if callable(v.nominal_flops) else v.nominal_flops
         return record, timing, err, None if nominal is None else float(nominal)
 
-    base_rec, base_t, base_err, base_nom = run(dense)
-    results = [VariantResult(dense.name, dict(dense.info), base_rec, base_t, base_err, 1.0, 1.0, base_nom,
-                             None if base_nom is None else base_nom / base_rec.flops)]
-    for v in variants:
-        rec, t, err, nom = run(v)
-        results.append(VariantResult(v.name, dict(v.info), rec, t, err, base_t.median_ms / t.median_ms,
-                                     rec.flops / base_rec.flops, nom,
-                                     None if nom is None else nom / base_rec.flops))
-    return Comparison(dtype, int(x_bench_c.shape[0]), int(x_eval_c.shape[0]), tuple(results))
+    everything = (dense, *variants)
+    measured = [run(v) for v in everything]
+    base_rec, base_t = measured[0][:2]
+    results = tuple(VariantResult(v.name, dict(v.info), rec, t, err, base_t.median_ms / t.median_ms,
+                                  rec.flops / base_rec.flops, nom, None if nom is None else nom / base_rec.flops)
+                    for v, (rec, t, err, nom) in zip(everything, measured))
+    return Comparison(dtype, int(x_bench_c.shape[0]), int(x_eval_c.shape[0]), results)
 
 
 def setup_cost(fn: Callable, *args, jit: bool = True, iters: int = 1, warmup: int = 0) -> dict[str, Any]:
@@ -198,13 +197,10 @@ def plot_pareto_panels(panels: Mapping[str, Sequence[Mapping[str, Any]]], path: 
     """One error-vs-speedup panel per comparison (title -> rows). Speedups are relative to each panel's own
     dense baseline, so each layer gets its own front. Errors are drawn on a log axis, clipped at `err_floor`
     (the float32 dense baseline's error is ~0)."""
-    import matplotlib
+    from mgr.plots import figure, save  # matplotlib loads only when a bench plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
-    for ax, (title, rows) in zip(axes[0], panels.items()):
+    fig, axes = figure(len(panels))
+    for ax, (title, rows) in zip(axes, panels.items()):
         names = [r["name"] for r in rows]
         s = np.array([r["speedup"] for r in rows], float)
         e = np.maximum(np.array([r["rel_err"] for r in rows], float), err_floor)
@@ -220,9 +216,4 @@ def plot_pareto_panels(panels: Mapping[str, Sequence[Mapping[str, Any]]], path: 
         ax.set_ylabel(f"relative output error (clipped at {err_floor:g})")
         ax.set_title(title)
         ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -139,6 +139,12 @@ def test_low_rank_recovery_both_benchmarks_under_a_budget(tmp_path):
             # fine-tuning changes values, not shapes: the same executed FLOPs as the initialisation
             assert rows[f"{init} r=8 +ft"]["flops"] == rows[f"{init} r=8"]["flops"]
             assert rows[f"{init} r=8 +ft"]["rel_err"] != rows[f"{init} r=8"]["rel_err"]
+        # held-out error curve: every --eval-every steps and at the end; its last point is the +ft row's error
+        curves = res[which]["val_rel_err_curves"]
+        assert len(curves) == 2 * 2 and all([s for s, _ in c] == [2, 3] for c in curves.values())
+        for name, c in curves.items():
+            init, rank = name.split()[-2:]
+            assert c[-1][1]["val_rel_err"] == pytest.approx(rows[f"{init} {rank} +ft"]["rel_err"], rel=1e-3, abs=1e-6)
     n = 64
     assert by_name(res["linear"]["comparison"])["svd r=8"]["matmul_flops"] == 2 * matmul_flops(n, D, 8)
     assert by_name(res["mlp"]["comparison"])["svd r=8"]["matmul_flops"] == 2 * (
@@ -167,6 +173,9 @@ def test_low_rank_recovery_steps_is_the_default_budget(tmp_path):
     ("low-rank-recovery", ["--benchmark", "conv"], "invalid choice: 'conv'"),
     ("low-rank-recovery", ["--steps", "0"], "--steps must be >= 1"),
     ("low-rank-recovery", ["--inits", "random"], "inits must be"),
+    ("low-rank-recovery", ["--batch-size", "0"], "batch_size and expansion must be >= 1"),
+    ("data-aware-low-rank", ["--damping", "-1"], "damping must be >= 0"),
+    ("matrix-approx", ["--from-checkpoint", "missing.npz"], "checkpoint not found"),
 ])
 def test_bad_options_are_one_error_line(tmp_path, capsys, demo, flags, says):
     assert main(["run", demo, "--artifacts-dir", str(tmp_path), "--run-id", "bad", *TINY, *flags]) == 2

@@ -102,5 +102,5 @@ def test_pareto_front_and_plot(tmp_path):
     # (1.5, 0.2) is beaten by (2, 0.1); (3, 0.3) by (3, 0.15), an exact tie in speedup
     assert V.pareto_front(speedup, err).tolist() == [True, True, False, False, True]
     rows = [{"name": str(i), "speedup": s, "rel_err": e} for i, (s, e) in enumerate(zip(speedup, err))]
-    path = V.plot_pareto(rows, tmp_path / "plots" / "pareto.png", title="t")
+    path = V.plot_pareto(rows, tmp_path / "pareto.png", title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
