@@ -4,8 +4,8 @@ One nanochat train step, compiled the way the harness compiles it (jit with stat
 the same number of steps on the same pre-built device batches twice per round:
 
 * bare:    a plain Python loop over the compiled step, blocking once at the end;
-* harness: ``ctx.train`` with everything on (budget tracking, metrics read one step late and streamed to
-           metrics.jsonl, NaN check, step timing).
+* harness: ``ctx.train`` with everything on (budget tracking, metrics read in windows of ``ctx.sync_every`` steps
+           and streamed to metrics.jsonl, NaN check, step timing).
 
 Per-step time is the wall time of the whole loop over the step count; rounds alternate the two. The overhead is
 fastest round over fastest round, minus one: other load on the machine only adds time, so the fastest rounds are the

@@ -68,8 +68,9 @@ def train_depth(config: Config, depth: int, ctx) -> dict:
 
 
 def run(config: Config, ctx) -> Results:
-    if not config.depths:
-        raise UserError("--depths needs at least one depth")
+    # Each depth's run directory is named d<depth>, so a repeated depth would collide after its training.
+    if not config.depths or min(config.depths) < 1 or len(set(config.depths)) != len(config.depths):
+        raise UserError(f"--depths needs distinct depths >= 1, got {','.join(map(str, config.depths)) or 'none'}")
     for depth in config.depths:  # every depth's options are checked before hours of training start
         nanochat.check_config(nanochat_config(config, depth))
     rows, per_depth, notes = [], {}, []
@@ -107,7 +108,7 @@ def run(config: Config, ctx) -> Results:
     dtype = depths[0]["compute_dtype"] if depths else config.dtype
     notes += [f"compute dtype {dtype}; {config.steps} steps per depth, step times exclude the first "
               f"{ctx.budget.warmup_steps} and the final eval",
-              "MFU needs the device's dense bf16 peak (known GPUs in nanochat/train.py); it is — on CPU and in fp32",
+              "MFU needs the device's dense bf16 peak (known GPUs in mgr/meta.py); it is — on CPU and in fp32",
               f"each depth's full nanochat run (losses, samples, plot): {ctx.run_dir}/runs/nanochat/d<depth>/"]
     table = Table(f"nanochat throughput, T={config.sequence_len}, batch {config.batch_size}",
                   ["depth", "params", "tokens/s", "ms/step median (p10–p90)", "TFLOP/s (est.)", "MFU",

@@ -89,11 +89,7 @@ class Config(DynamicSuffixConfig):
     eval_tokens: int = field(default=8192, metadata={"help": "validation tokens (nanochat) or rows (resmlp)"})
     data: str | None = field(default=None, metadata={"help": "nanochat text/parquet/.bin data; default synthetic"})
     timing_rounds: int = field(default=10, metadata={
-        "help": "after training, time every depth's step this many times in turn (0: skip; recompiles them)"})
-
-
-def dynamic_config(config: Config) -> DynamicSuffixConfig:
-    return DynamicSuffixConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(DynamicSuffixConfig)})
+        "help": "after training, time every depth's step this many times in turn (0: skip)"})
 
 
 def nanochat_config(config: Config) -> nanochat.Config:
@@ -308,25 +304,29 @@ class Driver:
         return [self.dispatch_s.get(s + 2, wall_s) for s in range(steps)]
 
 
-def time_variants(variants: dict, state: dict, batch: dict, rounds: int) -> dict[Any, list[float]]:
+def time_variants(ctx, variants: dict, state: dict, batch: dict, rounds: int) -> dict[Any, list[float]]:
     """ms per call of every step variant, calling them in turn ``rounds`` times after one untimed call each: the
     schedules train one after another, so their own step times also differ by whatever else loads the machine
-    meanwhile; interleaved calls share it."""
-    jitted = {key: jax.jit(fn) for key, fn in variants.items()}
+    meanwhile; interleaved calls share it.
+
+    The executables are the ones ctx.train ran (ctx.compile), so nothing compiles again and the timed program is
+    the trained one. They donate their state, which is therefore threaded from call to call."""
+    jitted = {key: ctx.compile(fn, state, batch)[0] for key, fn in variants.items()}
+    state = jax.tree.map(jnp.copy, state)  # the caller's state must survive the donation
     for fn in jitted.values():
-        jax.block_until_ready(fn(state, batch))
+        state, _ = jax.block_until_ready(fn(state, batch))
     samples: dict[Any, list[float]] = {key: [] for key in jitted}
     for _ in range(rounds):
         for key, fn in jitted.items():
             t0 = time.perf_counter()
-            jax.block_until_ready(fn(state, batch))
+            state, _ = jax.block_until_ready(fn(state, batch))
             samples[key].append(1e3 * (time.perf_counter() - t0))
     return samples
 
 
 def run(config: Config, ctx) -> Results:
     config = check_config(config)
-    dyn, nc = dynamic_config(config), nanochat_config(config)
+    nc = nanochat_config(config)
     if config.model == "resmlp":
         # Fresh rows for every step of an iteration budget: no row is seen twice, so no schedule overfits.
         steps = ctx.budget.max_iterations
@@ -337,20 +337,20 @@ def run(config: Config, ctx) -> Results:
     L = task.n_blocks
     static_depth = config.static_depth or max(L // 2, 1)
     time_only = ctx.budget.max_iterations is None and ctx.budget.target_flops is None
-    if time_only and "full_update" not in config.schedules and (dyn.freeze_start_frac or dyn.final_full_frac):
+    if time_only and "full_update" not in config.schedules and (config.freeze_start_frac or config.final_full_frac):
         raise UserError("a time-only budget resolves --freeze-start-frac/--final-full-frac against full_update's "
                         "steps: add full_update to --schedules or set both to 0")
     for name in config.schedules:  # bad schedule flags fail here, before anything trains
-        make_schedule(name, L, 1, static_depth=static_depth, config=dyn)
+        make_schedule(name, L, 1, static_depth=static_depth, config=config)
 
     depths = {L}
     if "static_suffix" in config.schedules:
         depths.add(static_depth)
     if "dynamic_suffix" in config.schedules:
-        depths.update(allowed_levels(dyn, L))
+        depths.update(allowed_levels(config, L))
     variants: dict[Any, Callable] = {k: tag_step(task.make_step(k, None)) for k in sorted(depths)}
     if "dynamic_suffix" in config.schedules:
-        variants[PROBE] = tag_step(task.make_step(L, dyn.relevance))
+        variants[PROBE] = tag_step(task.make_step(L, config.relevance))
     # Compile every variant now (ctx caches them for train), so no schedule's time includes a compilation.
     batch0 = task.batch_fn(0)
     plans = {key: ctx.plan(fn, task.state, batch0) for key, fn in variants.items()}
@@ -359,11 +359,11 @@ def run(config: Config, ctx) -> Results:
     runs, drivers = {}, {}
     for name in config.schedules:
         total = planned if planned is not None else runs["full_update"].steps if "full_update" in runs else None
-        drivers[name] = Driver(make_schedule(name, L, total, static_depth=static_depth, config=dyn), task.eval_fn)
+        drivers[name] = Driver(make_schedule(name, L, total, static_depth=static_depth, config=config), task.eval_fn)
         state = {**task.state, "total_steps": jnp.asarray(planned or 0, jnp.int32)}
         runs[name] = ctx.train(name, variants, state, task.batch_fn, eval_fn=drivers[name].evaluate,
                                eval_every=config.eval_every, choose=drivers[name].choose)
-    step_ms = time_variants(variants, task.state, batch0, config.timing_rounds) if config.timing_rounds else {}
+    step_ms = time_variants(ctx, variants, task.state, batch0, config.timing_rounds) if config.timing_rounds else {}
     return report(config, ctx, task, {k: p.flops_per_step for k, p in plans.items()}, step_ms, runs, drivers,
                   planned)
 

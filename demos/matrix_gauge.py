@@ -35,6 +35,8 @@ from mgr.demo import Demo
 from mgr.errors import UserError
 from mgr.plots import plot_curves
 from mgr.results import Results, Table
+from mgr.sweep import mean_and_spread
+from nanochat.model import rms_norm
 
 MIXERS = ("attention", "gauge")
 
@@ -223,10 +225,6 @@ def _dense(fan_in: int, fan_out: int, gain: float = 1.0) -> tuple[tuple[int, int
     return (fan_in, fan_out), gain / math.sqrt(fan_in)
 
 
-def rms_norm(x_BTD: jax.Array) -> jax.Array:
-    return x_BTD * jax.lax.rsqrt(jnp.mean(x_BTD * x_BTD, axis=-1, keepdims=True) + 1e-6)
-
-
 def init_attention(key, cfg: Config) -> dict:
     return normal_params(key, {"w_qkv_DE": _dense(cfg.d_model, 3 * cfg.d_model),
                                "w_o_DD": _dense(cfg.d_model, cfg.d_model)})
@@ -367,7 +365,8 @@ def certificates(params: dict, cfg: Config, probe_T: jax.Array) -> dict:
 
 
 def make_evaluate(cfg: Config, mixer: str, seeds: tuple[int, ...], sweep: bool):
-    """state -> eval loss/accuracy on fixed held-out batches (+ certificates for gauge); [S] vectors in a sweep."""
+    """state -> eval loss/accuracy on fixed held-out batches (+ certificates for gauge); [S] vectors in a sweep.
+    Jitted here: the training loop calls eval_fn as given, and op-by-op it takes ~200x as long."""
     eval_SNBT = jnp.asarray(np.stack([tokens_for(cfg, seeds, 1, i) for i in range(cfg.eval_batches)], axis=1))
 
     def one_seed(params, tokens_NBT):
@@ -377,9 +376,9 @@ def make_evaluate(cfg: Config, mixer: str, seeds: tuple[int, ...], sweep: bool):
             out |= certificates(params, cfg, tokens_NBT[0, 0])
         return out
 
-    if sweep:
-        return lambda state: jax.vmap(one_seed)(state["params"], eval_SNBT)
-    return lambda state: one_seed(state["params"], eval_SNBT[0])
+    evaluate = jax.jit(jax.vmap(one_seed) if sweep else one_seed)
+    tokens = eval_SNBT if sweep else eval_SNBT[0]
+    return lambda state: evaluate(state["params"], tokens)
 
 
 def summarize(evaluation: dict) -> dict:
@@ -388,7 +387,8 @@ def summarize(evaluation: dict) -> dict:
     for name, v in evaluation.items():
         v = np.asarray(v, np.float64)
         if name in ("eval_loss", "eval_acc"):
-            out[name], out[name + "_std"] = float(v.mean()), float(v.std())
+            spread = mean_and_spread(v)
+            out[name], out[name + "_std"] = spread["mean"], spread["std"]
         else:
             out[name] = float(v.min() if name in ("markov_min_entry", "gate_min_eig") else v.max())
     return out
@@ -406,7 +406,10 @@ def run(config: Config, ctx) -> Results:
     sweep = len(seeds) > 1
     opt = optax.adam(config.lr)
     depth, tail_bound = truncation_depth(config)
-    batch_fn = lambda step: tokens_for(config, seeds, 0, step) if sweep else tokens_for(config, seeds, 0, step)[0]
+
+    def batch_fn(step: int) -> np.ndarray:
+        tokens_SBT = tokens_for(config, seeds, 0, step)
+        return tokens_SBT if sweep else tokens_SBT[0]
 
     rows, curves = [], {}
     metrics = {"seeds": list(seeds), "truncation_depth": depth, "poisson_tail_bound": tail_bound}

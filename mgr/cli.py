@@ -49,23 +49,36 @@ def _non_negative_int(text: str) -> int:
     return int(text)
 
 
-def add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags every run shares: budget, seed, artifacts, device."""
-    b = parser.add_argument_group("budget (the run stops at the first one reached)")
-    b.add_argument("--max-iterations", type=_positive_int, help="training steps per variant")
-    b.add_argument("--target-flops", type=_positive_float,
-                   help="FLOPs per variant; steps = ceil(F / measured FLOPs per step)")
-    b.add_argument("--time-budget", type=_positive_float,
-                   help="seconds of training per variant (compilation and eval excluded)")
-    b.add_argument("--warmup-steps", type=_non_negative_int, default=1,
-                   help="steps excluded from throughput figures, not from the budget (default: 1)")
+def add_run_flags(parser: argparse.ArgumentParser, *, budget: bool = True, warmup_steps: int = 1) -> None:
+    """Flags every run shares: budget (unless the caller sets it, as benches do with --steps), seed, artifacts,
+    device."""
+    if budget:
+        b = parser.add_argument_group("budget (the run stops at the first one reached)")
+        b.add_argument("--max-iterations", type=_positive_int, help="training steps per variant")
+        b.add_argument("--target-flops", type=_positive_float,
+                       help="FLOPs per variant; steps = ceil(F / measured FLOPs per step)")
+        b.add_argument("--time-budget", type=_positive_float,
+                       help="seconds of training per variant (compilation and eval excluded)")
     r = parser.add_argument_group("run")
+    r.add_argument("--warmup-steps", type=_non_negative_int, default=warmup_steps,
+                   help=f"steps excluded from throughput figures, not from the budget (default: {warmup_steps})")
     r.add_argument("--seed", type=int, default=0, help="seed of the run's PRNG key and data order (default: 0)")
     r.add_argument("--artifacts-dir", default="artifacts", help="root of the run directories (default: artifacts)")
     r.add_argument("--artifacts-kind", help="override the demo's kind (first directory level)")
     r.add_argument("--artifacts-topic", help="override the demo's topic (second directory level)")
     r.add_argument("--run-id", help="run directory name (default: YYYYMMDD_HHMMSS)")
     r.add_argument("--device", choices=DEVICES, default="auto", help="JAX platform (default: auto)")
+
+
+def launch_from_args(demo, config, args: argparse.Namespace, budget, command: list[str]) -> int:
+    """Launch with the run flags of ``add_run_flags``: device first, so nothing is written for a missing one."""
+    from mgr.artifacts import default_run_id
+    from mgr.launcher import launch
+    select_device(args.device)
+    code, _ = launch(demo, config, budget=budget, seed=args.seed, artifacts_dir=args.artifacts_dir,
+                     run_id=args.run_id or default_run_id(), kind=args.artifacts_kind, topic=args.artifacts_topic,
+                     argv=command)
+    return code
 
 
 def select_device(device: str) -> None:
@@ -94,8 +107,6 @@ def run_demo(name: str, argv: list[str], prog: str = "mgr run", command: list[st
     records as its command line (default: this process's sys.argv)."""
     from mgr.budget import Budget
     from mgr.flags import add_config_flags, config_from_args
-    from mgr.launcher import launch
-    from mgr.artifacts import default_run_id
 
     demo = _resolve_demo(name)
     parser = OneLineParser(prog=f"{prog} {name}" if prog == "mgr run" else prog, description=demo.description)
@@ -108,11 +119,7 @@ def run_demo(name: str, argv: list[str], prog: str = "mgr run", command: list[st
         raise UserError(f"invalid options for {name}: {e}") from None
     budget = Budget(max_iterations=args.max_iterations, target_flops=args.target_flops,
                     time_budget=args.time_budget, warmup_steps=args.warmup_steps)
-    select_device(args.device)
-    code, _ = launch(demo, config, budget=budget, seed=args.seed, artifacts_dir=args.artifacts_dir,
-                     run_id=args.run_id or default_run_id(), kind=args.artifacts_kind, topic=args.artifacts_topic,
-                     argv=command or [Path(sys.argv[0]).name, *sys.argv[1:]])
-    return code
+    return launch_from_args(demo, config, args, budget, command or [Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
 def guarded(fn, *args) -> int:

@@ -113,7 +113,9 @@ class RunContext:
     def log(self, record: dict) -> None:
         self.writer.log(record)
 
-    def _compile(self, fn: Callable, state: Any, batch: Any) -> tuple[Any, FlopsRecord]:
+    def compile(self, fn: Callable, state: Any, batch: Any) -> tuple[Any, FlopsRecord]:
+        """The executable ``train`` runs for ``fn`` on these argument shapes (state donated), and its FLOPs;
+        compiled once per run, so a demo that times a step variant itself times the very program that trained."""
         leaves, treedef = jax.tree.flatten((state, batch))
         key = (id(fn), treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
         if key not in self._executables:
@@ -125,7 +127,7 @@ class RunContext:
     def plan(self, step_fn: StepFn, state: Any, batch: Any) -> BudgetTracker:
         """Compile ``step_fn`` (cached for ``train``) and resolve the budget against its measured FLOPs, for demos
         whose step needs the planned step count, e.g. an LR schedule (pass it in ``state`` as a traced value)."""
-        _, record = self._compile(step_fn, state, batch)
+        _, record = self.compile(step_fn, state, batch)
         return BudgetTracker(self.budget, record.flops)
 
     def train(self, name: str, step_fn: StepFn | dict[Hashable, StepFn], state: Any,
@@ -147,7 +149,7 @@ class RunContext:
 
         def executable(key, st, batch):
             if key not in compiled:
-                compiled[key] = self._compile(variants[key], st, batch)
+                compiled[key] = self.compile(variants[key], st, batch)
             return compiled[key]
 
         state = _copy_tree(state)

@@ -43,6 +43,17 @@ def device_info() -> dict[str, Any]:
             "backend": jax.default_backend()}
 
 
+# Dense bf16 peak FLOP/s by device kind, for MFU. H200/H100 SXM: 989 TFLOP/s dense bf16 (NVIDIA datasheets).
+PEAK_BF16_FLOPS = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12,
+                   "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12}
+
+
+def peak_flops_per_s(dtype: str) -> float | None:
+    """The device's datasheet dense peak for ``dtype``, where known (bf16 on the GPUs above), for MFU."""
+    import jax
+    return PEAK_BF16_FLOPS.get(jax.devices()[0].device_kind) if dtype == "bfloat16" else None
+
+
 def peak_memory_gb() -> float | None:
     """Peak device memory allocated so far, where the backend reports it (GPU does; CPU does not)."""
     import jax

@@ -37,8 +37,6 @@ def bits_per_byte(loss_sum_nats, n_bytes):
 
 
 class ByteTokenizer:
-    name = "byte"
-
     def __init__(self):
         self.bos_id = 256
         self.vocab_size = 256 + len(SPECIAL_TOKENS)
@@ -64,7 +62,6 @@ class BpeTokenizer:
     def __init__(self, hf: HFTokenizer, name: str):
         hf.encode_special_tokens = True  # the text "<|bos|>" inside a document is text, not the BOS token
         self.hf = hf
-        self.name = name
         self.vocab_size = hf.get_vocab_size()
         bos_id = hf.token_to_id(BOS)
         if bos_id is None:
@@ -143,21 +140,27 @@ def _train_command(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nanochat.tokenizer", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    from mgr.cli import OneLineParser, guarded
+
+    parser = OneLineParser(prog="python -m nanochat.tokenizer", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     train = commands.add_parser("train", help="train a byte-level BPE tokenizer on the train split of --data")
     train.add_argument("--data", required=True, help="text file/glob/dir, parquet shards, or synthetic[:options]")
-    train.add_argument("--data-format", default="auto", choices=("auto", "text", "parquet"))
-    train.add_argument("--vocab-size", type=int, default=4096)
+    train.add_argument("--data-format", default="auto", choices=("auto", "text", "parquet"),
+                       help="data format (default: auto, from the file extension)")
+    train.add_argument("--vocab-size", type=int, default=4096,
+                       help="tokens including the 256 bytes and <|bos|> (default: 4096)")
     train.add_argument("--max-chars", type=int, default=100_000_000, help="stop reading text after this many chars")
     train.add_argument("--out", required=True, help="directory to write tokenizer.json to")
-    args = parser.parse_args(argv)
-    try:
+
+    def parse_and_train(argv):
+        args = parser.parse_args(argv)
+        if args.max_chars < 1:
+            raise UserError(f"--max-chars must be >= 1, got {args.max_chars}")
         _train_command(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return guarded(parse_and_train, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from optax.contrib import MuonDimensionNumbers
 
 from mgr.demo import Demo
 from mgr.errors import UserError
+from mgr.meta import peak_flops_per_s
 from mgr.partial import block_relevance
 from mgr.plots import plot_curves
 from mgr.results import Results, Table
@@ -30,10 +31,6 @@ from nanochat.data import DataSpec, open_source
 from nanochat.data.loader import Loader
 from nanochat.model import GPT, GPTConfig, estimate_flops, generate, loss_fn
 from nanochat.tokenizer import bits_per_byte, load_tokenizer
-
-# Dense bf16 peak FLOP/s by device kind, for MFU. H200/H100 SXM: 989 TFLOP/s dense bf16 (NVIDIA datasheets).
-PEAK_BF16_FLOPS = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12,
-                   "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12}
 
 
 @dataclass
@@ -249,11 +246,9 @@ def run(config: Config, ctx) -> Results:
     if config.resume:
         state, start_step = _resume(config, cfg, state, train)
     step_fn = make_train_step(graphdef, tx, config)
-    tokens_per_step = config.batch_size * config.grad_accum * config.sequence_len
 
     plan = ctx.plan(step_fn, state, train(start_step))
     state["total_steps"] = jnp.asarray(plan.max_steps or 0, jnp.int32)
-    analytic_per_token = estimate_flops(cfg)
 
     prompt = val["inputs_BT"][0, 0, : min(16, config.sequence_len)]
     samples: list[tuple[int, str]] = []
@@ -281,19 +276,19 @@ def run(config: Config, ctx) -> Results:
     # result.steps counts the resumed steps too: it is the step number reached.
     if not samples or samples[-1][0] != result.steps:
         sample_hook(result.steps, result.state)
-    return _report(config, ctx, cfg, result, tokens_per_step, analytic_per_token, train, samples)
+    return _report(config, ctx, cfg, result, train.entropy_rate, samples)
 
 
-def _report(config, ctx, cfg, result, tokens_per_step, analytic_per_token, train, samples) -> Results:
+def _report(config, ctx, cfg, result, floor, samples) -> Results:
+    tokens_per_step = config.batch_size * config.grad_accum * config.sequence_len
+    analytic_per_token = estimate_flops(cfg)
     matmul_per_step = result.flops_records["nanochat"].matmul_flops
     step_s = result.step_ms.median_ms / 1e3
     tokens_per_second = tokens_per_step / step_s if step_s > 0 else None
-    flops_per_s = result.flops_per_step / step_s if step_s > 0 else None
-    device_kind = jax.devices()[0].device_kind
-    peak = PEAK_BF16_FLOPS.get(device_kind) if compute_dtype(config) == "bfloat16" else None
+    tflops_per_s = result.tflops_per_s
+    peak = peak_flops_per_s(compute_dtype(config))
     val_series = [(s, e.get("val_bpb"), e.get("val_loss")) for s, e in result.evals]
     final = result.evals[-1][1] if result.evals else {}
-    floor = train.entropy_rate
     metrics = {
         "model": dataclasses.asdict(cfg),
         "compute_dtype": compute_dtype(config),
@@ -304,8 +299,8 @@ def _report(config, ctx, cfg, result, tokens_per_step, analytic_per_token, train
         "flops_per_step_measured": result.flops_per_step,
         "matmul_flops_per_step_measured": matmul_per_step,
         "tokens_per_second": tokens_per_second,
-        "tflops_per_second_est": None if flops_per_s is None else flops_per_s / 1e12,
-        "mfu": None if (peak is None or flops_per_s is None) else flops_per_s / peak,
+        "tflops_per_second_est": tflops_per_s,
+        "mfu": None if (peak is None or tflops_per_s is None) else tflops_per_s * 1e12 / peak,
         "final_loss": result.final_loss,
         "val_loss": final.get("val_loss"),
         "val_bpb": final.get("val_bpb"),

@@ -12,7 +12,9 @@ import scipy.linalg
 import scipy.stats
 
 from demos import matrix_gauge as mg
+from mgr.cli import main
 from mgr.errors import UserError
+from tests.conftest import one_error_line
 
 OFFSETS = (1, 2, 4)
 markov_mix = jax.jit(mg.markov_mix, static_argnums=(3, 4, 5))  # eager op-by-op dispatch is the slow part here
@@ -271,3 +273,11 @@ def test_both_mixers_solve_the_task():
             state, _ = step(state, jnp.asarray(mg.tokens_for(cfg, (0,), 0, i)[0]))
         result = jax.jit(mg.make_evaluate(cfg, mixer, (0,), sweep=False))(state)
         assert result["eval_acc"] > 0.95, (mixer, result)
+
+
+@pytest.mark.parametrize("flags, message", [(("--d-model", "7"), "d_model=7"), (("--seeds", "1,1"), "distinct"),
+                                            (("--seeds", "3,2147483648"), "seeds must lie")])
+def test_bad_flags_are_one_error_line(tmp_path, capsys, flags, message):
+    code = main(["run", "matrix-gauge", *flags, "--max-iterations", "1", "--artifacts-dir", str(tmp_path)])
+    assert code == 2
+    assert message in one_error_line(capsys)

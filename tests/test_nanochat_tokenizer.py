@@ -124,6 +124,9 @@ def test_cli_trains_from_parquet(tmp_path):
     (["--data", "/no/such/file.txt"], "data path not found"),
     (["--data", "{tmp}/x.bin"], "pre-tokenised"),
     (["--data", "{tmp}/a.txt", "--vocab-size", "100"], "at least 257"),
+    (["--data", "{tmp}/a.txt", "--vocab-size", "many"], "invalid int value: 'many'"),
+    (["--data", "{tmp}/a.txt", "--data-format", "bin"], "invalid choice: 'bin'"),
+    (["--data", "{tmp}/a.txt", "--max-chars", "0"], "--max-chars must be >= 1"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
     (tmp_path / "a.txt").write_text(corpus(seed=5))

@@ -228,3 +228,18 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, checkpointed_run, case):
     assert summary["status"] == "failed" and summary["budget"]["variants"] == {}
     assert not (run_dir / "checkpoints").exists()
     assert snapshot(checkpointed_run) == source
+
+
+@pytest.mark.parametrize("module, flags, expected", [
+    ("nanochat_throughput", ["--depths", "2,2"], "--depths needs distinct depths >= 1, got 2,2"),
+    ("nanochat_throughput", ["--depths", "0"], "--depths needs distinct depths >= 1, got 0"),
+    ("nanochat_throughput", ["--steps", "0"], "--steps must be >= 1"),
+    ("harness_overhead", ["--rounds", "0"], "--rounds must be >= 1"),
+    ("harness_overhead", ["--warmup-steps", "-1"], "--warmup-steps: must be a whole number >= 0"),
+])
+def test_bench_bad_input_is_one_error_line(tmp_path, capsys, module, flags, expected):
+    import importlib
+    bench = importlib.import_module(f"bench.{module}")
+    capsys.readouterr()
+    assert bench.main([*flags, "--artifacts-dir", str(tmp_path)]) == 2
+    assert expected in one_error_line(capsys)

@@ -34,7 +34,6 @@ def split_paragraphs(text: str) -> list[str]:
 
 
 class TextSource:
-    kind = "text"
     entropy_rate = None
 
     def __init__(self, files: list[Path], docs_per_unit: int = DOCS_PER_UNIT):
@@ -67,7 +66,6 @@ class ParquetSource:
     """Parquet shards with a `text` column; a unit is one row group (both splits walk all row groups, each keeping
     its own documents)."""
 
-    kind = "parquet"
     entropy_rate = None
 
     def __init__(self, files: list[Path]):
@@ -106,8 +104,6 @@ class ParquetSource:
 class SyntheticSource:
     """Endless documents of the synthetic language. Unit k of a split is sampled from a stream fixed by the language
     seed, k and (train only) the training seed, then filtered by the same content split as real data."""
-
-    kind = "synthetic"
 
     def __init__(self, config: SyntheticConfig, *, seed: int, row_len: int):
         self.language = SyntheticLanguage(config)

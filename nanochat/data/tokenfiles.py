@@ -51,7 +51,6 @@ def read_token_file(path: Path) -> np.ndarray:
 
 
 class BinSource:
-    kind = "bin"
     entropy_rate = None
 
     def __init__(self, files: list[Path], row_len: int, rows_per_unit: int = ROWS_PER_UNIT):
