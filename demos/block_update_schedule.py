@@ -5,8 +5,9 @@ the same launcher budget (--max-iterations, --target-flops, or --time-budget for
 
 * ``full_update``: every step trains all L blocks.
 * ``static_suffix``: only the top --static-depth blocks, between the warm-up and the final recovery phase.
-* ``dynamic_suffix``: ``mgr.schedule.DynamicSuffix`` picks the active depth from per-block relevance measured on
-  probe steps (full-depth steps that also return ``mgr.partial.block_relevance`` of their gradient).
+* ``dynamic_suffix``: ``mgr.methods.schedule.DynamicSuffix`` picks the active depth from per-block relevance
+  measured on probe steps (full-depth steps that also return ``mgr.methods.partial.block_relevance`` of their
+  gradient).
 
 The saving is real, not masked: the step compiled for k active blocks puts stop_gradient on the activation
 entering block L-k, so autodiff builds no backward for the frozen prefix (forward only), and the optimizer is
@@ -43,10 +44,10 @@ from flax import nnx
 
 from mgr.demo import Demo
 from mgr.errors import UserError
-from mgr.partial import block_relevance, freeze_prefix_rows, suffix_labels, suffix_scan
+from mgr.methods.partial import block_relevance, freeze_prefix_rows, suffix_labels, suffix_scan
 from mgr.plots import plot_curves
 from mgr.results import Results, Table
-from mgr.schedule import DynamicSuffixConfig, Schedule, allowed_levels, make_schedule
+from mgr.methods.schedule import DynamicSuffixConfig, Schedule, allowed_levels, make_schedule
 from nanochat import train as nanochat
 from nanochat.model import rms_norm
 from nanochat.tokenizer import load_tokenizer

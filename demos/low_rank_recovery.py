@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mgr import approx as A
+from mgr.methods import approx as A
 from mgr import structured_inputs as S
 from mgr import variant_bench as V
 from mgr.demo import Demo

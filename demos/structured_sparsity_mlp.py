@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import jax.numpy as jnp
 
-from mgr import approx as A
+from mgr.methods import approx as A
 from mgr import structured_inputs as S
 from mgr import variant_bench as V
 from mgr.demo import Demo

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mgr.approx import relative_error
+from mgr.methods.approx import relative_error
 from mgr.errors import UserError
 from mgr.flops import FlopsRecord, compile_and_count
 from mgr.results import Table

@@ -23,7 +23,7 @@ from optax.contrib import MuonDimensionNumbers
 from mgr.demo import Demo
 from mgr.errors import UserError
 from mgr.meta import peak_flops_per_s
-from mgr.partial import block_relevance
+from mgr.methods.partial import block_relevance
 from mgr.plots import plot_curves
 from mgr.results import Results, Table
 from nanochat.checkpoint import Checkpointer, read_meta, restore_arrays
@@ -127,7 +127,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, config: Con
     """Pure step over {"params","opt","step","total_steps"}; micro-batches are a lax.scan (grad accumulation).
     ``n_frozen`` leading blocks (and the embedding) sit behind stop_gradient: no backward work is done for them.
     ``relevance`` ("grad_ratio" | "saliency") adds the per-block relevance of the gradient as the metric
-    "block_relevance" (mgr.partial.block_relevance), for the probe steps of a block-update schedule."""
+    "block_relevance" (mgr.methods.partial.block_relevance), for the probe steps of a block-update schedule."""
     accum = config.grad_accum
 
     def loss_of(params, x_BT, y_BT):

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mgr import approx as A
+from mgr.methods import approx as A
 from mgr import structured_inputs as S
 from mgr.errors import UserError
 

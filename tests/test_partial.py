@@ -7,7 +7,7 @@ from flax import nnx
 
 from mgr.errors import UserError
 from mgr.flops import count_flops
-from mgr.partial import block_relevance, freeze_prefix_rows, predicate_labels, suffix_labels, suffix_scan
+from mgr.methods.partial import block_relevance, freeze_prefix_rows, predicate_labels, suffix_labels, suffix_scan
 
 L, D = 8, 4
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mgr.errors import UserError
-from mgr.schedule import (DynamicSuffix, DynamicSuffixConfig, FullUpdate, StaticSuffix, allowed_levels,
+from mgr.methods.schedule import (DynamicSuffix, DynamicSuffixConfig, FullUpdate, StaticSuffix, allowed_levels,
                           make_schedule, phase_bounds, quantize_up, relevance_depth)
 
 L = 8

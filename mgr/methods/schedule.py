@@ -3,10 +3,11 @@
 Host-side, deterministic, no JAX. Every schedule answers the same two calls:
 
 * ``decide(step) -> (active_depth, is_probe)``: the depth the step trains (the caller runs the step compiled for
-  that depth, see ``mgr.partial``). Deciding the same step again returns the recorded answer.
+  that depth, see ``mgr.methods.partial``). Deciding the same step again returns the recorded answer.
 * ``observe(step, loss, block_relevance=None)``: the metrics of a decided step, possibly a step or two late (the
   training loop reads metrics one step behind). ``block_relevance`` is the per-block vector from
-  ``mgr.partial.block_relevance`` and is used only from steps that ran at full depth, where every block has a gradient.
+  ``mgr.methods.partial.block_relevance`` and is used only from steps that ran at full depth, where every block
+  has a gradient.
 
 ``dynamic_suffix`` runs in three phases:
 
