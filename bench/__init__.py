@@ -3,7 +3,7 @@ through the harness, so its table lands in a run directory (artifacts/bench/<top
 
 from __future__ import annotations
 
-from mgr.budget import Budget
+from mgr.budget import Budget, check_warmup
 from mgr.cli import OneLineParser, add_run_flags, guarded, launch_from_args
 from mgr.demo import Demo
 from mgr.errors import UserError
@@ -21,6 +21,7 @@ def main(demo: Demo, argv: list[str], prog: str) -> int:
         config = config_from_args(demo.config, args)
         if config.steps < 1:
             raise UserError(f"--steps must be >= 1, got {config.steps}")
+        check_warmup(args.warmup_steps, config.steps, "--steps")
         budget = Budget(max_iterations=config.steps, warmup_steps=args.warmup_steps)
         return launch_from_args(demo, config, args, budget, [*prog.split(), *argv])
 

@@ -18,9 +18,9 @@ from rich.console import Console
 from mgr.budget import Budget
 from mgr.demo import Demo
 from mgr.errors import UserError
-from mgr.launcher import EXIT_INTERRUPTED, launch
+from mgr.launcher import EXIT_INTERRUPTED, EXIT_TERMINATED, launch
 from mgr.plots import plot_curves
-from mgr.results import Results, Table
+from mgr.results import Results, Table, fmt
 from nanochat import train as nanochat
 from nanochat.model import GPTConfig, matmul_params
 
@@ -33,8 +33,8 @@ class Config:
     steps: int = field(default=20, metadata={"help": "training steps per depth"})
     dtype: str = field(default="auto", metadata={"help": "compute dtype; auto = bf16 on GPU",
                                                  "choices": ("auto", "float32", "bfloat16")})
-    attention_type: str = field(default="xla", metadata={"help": "attention kernel",
-                                                          "choices": ("xla", "jax", "cudnn")})
+    attention_type: str = field(default="xla", metadata={"help": "attention kernel (standard = xla)",
+                                                          "choices": ("xla", "standard", "jax", "cudnn")})
     scan_layers: bool = field(default=True, metadata={"help": "run the blocks as a lax.scan"})
 
 
@@ -62,17 +62,20 @@ def train_depth(config: Config, depth: int, ctx) -> dict:
     code, summary = launch(nanochat.DEMO, nc, budget=ctx.budget, seed=ctx.seed, artifacts_dir=str(ctx.run_dir),
                            run_id=f"d{depth}", kind="runs", topic="nanochat", argv=command(nc, ctx.budget, ctx.seed),
                            console=Console(quiet=True))
-    if code == EXIT_INTERRUPTED:
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
         raise KeyboardInterrupt(f"depth {depth} interrupted")
     return summary
 
 
-def run(config: Config, ctx) -> Results:
+def check(config: Config, budget: Budget) -> None:
     # Each depth's run directory is named d<depth>, so a repeated depth would collide after its training.
     if not config.depths or min(config.depths) < 1 or len(set(config.depths)) != len(config.depths):
         raise UserError(f"--depths needs distinct depths >= 1, got {','.join(map(str, config.depths)) or 'none'}")
     for depth in config.depths:  # every depth's options are checked before hours of training start
-        nanochat.check_config(nanochat_config(config, depth))
+        nanochat.check_config(nanochat_config(config, depth), budget)
+
+
+def run(config: Config, ctx) -> Results:
     rows, per_depth, notes = [], {}, []
     for depth in config.depths:
         ctx.console.print(f"depth {depth}: training {config.steps} steps ...", highlight=False)
@@ -94,7 +97,7 @@ def run(config: Config, ctx) -> Results:
         }
         per_depth[f"d{depth}"] = row
         rows.append([depth, params, row["tokens_per_second"],
-                     f"{step['median_ms']:.1f} ({step['p10_ms']:.1f}–{step['p90_ms']:.1f})",
+                     f"{fmt(step['median_ms'])} ({fmt(step['p10_ms'])}–{fmt(step['p90_ms'])})",
                      row["tflops_per_second_est"], row["mfu"], row["flops_per_token_analytic"],
                      row["matmul_flops_per_token_measured"],
                      row["matmul_flops_per_token_measured"] / row["flops_per_token_analytic"],
@@ -103,9 +106,12 @@ def run(config: Config, ctx) -> Results:
             notes.append(f"d{depth} ended {summary['status']}: {summary['error']}")
     depths = list(per_depth.values())
     plot_curves(ctx.plot_path("tokens_per_second_vs_params.png"),
-                {"tokens/s": ([d["params"] for d in depths], [d["tokens_per_second"] for d in depths])},
+                {"tokens/s": ([d["params"] for d in depths], [_nan_if_none(d["tokens_per_second"]) for d in depths])},
                 xlabel="parameters", ylabel="training tokens/s", logx=True, title="nanochat throughput by depth")
     dtype = depths[0]["compute_dtype"] if depths else config.dtype
+    if config.steps <= max(ctx.budget.warmup_steps, 1):
+        notes.append(f"{config.steps} step(s) per depth are all warm-up (--warmup-steps "
+                     f"{ctx.budget.warmup_steps}): a smoke run, no step times or throughput")
     notes += [f"compute dtype {dtype}; {config.steps} steps per depth, step times exclude the first "
               f"{ctx.budget.warmup_steps} and the final eval",
               "MFU needs the device's dense bf16 peak (known GPUs in mgr/meta.py); it is — on CPU and in fp32",
@@ -119,8 +125,12 @@ def run(config: Config, ctx) -> Results:
     return Results(metrics={"depths": per_depth, "compute_dtype": dtype}, tables=[table], notes=notes)
 
 
+def _nan_if_none(value):
+    return float("nan") if value is None else value
+
+
 BENCH = Demo(name="nanochat-throughput", description="nanochat training throughput, TFLOP/s and MFU by depth",
-             config=Config, run=run, kind="bench", topic="nanochat_throughput")
+             config=Config, run=run, check=check, kind="bench", topic="nanochat_throughput")
 
 
 def main(argv: list[str] | None = None) -> int:

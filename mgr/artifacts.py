@@ -20,13 +20,24 @@ SCHEMA_VERSION = "mgr.telemetry.v1"
 
 
 def default_run_id() -> str:
-    return _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
+    """YYYYMMDD_HHMMSS_mmm: sortable, and two runs started in the same second still get different directories."""
+    now = _dt.datetime.now()
+    return now.strftime("%Y%m%d_%H%M%S_") + f"{now.microsecond // 1000:03d}"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Temp file + rename. The file gets the user's umask like any other (mkstemp alone makes it 0600, which
+    would keep a colleague from reading the run)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -35,6 +46,30 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """Make the directory of an output file the user named, or say in one line why it cannot be written there."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory; name a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # FileExistsError / NotADirectoryError when a parent is a file
+        raise UserError(f"{flag} {path}: cannot create its directory {path.parent} "
+                        f"({e.strerror or e.__class__.__name__})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"{flag} {path}: directory {path.parent} is not writable")
+    return path
+
+
+def check_topic(topic: str) -> list[str]:
+    """A topic is one or more /-separated directory names (fixed_flops/nanochat); never absolute, empty or `..`."""
+    parts = topic.split("/") if topic else [""]
+    if topic.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise UserError(f"invalid topic {topic!r} for the run directory: use /-separated names, no empty, "
+                        "'.' or '..' segments, not an absolute path")
+    return parts
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -54,10 +89,10 @@ class RunWriter:
     """Owns one run directory; creating it fails if it exists."""
 
     def __init__(self, root: str | os.PathLike, kind: str, topic: str, run_id: str):
-        for label, part in (("kind", kind), ("topic", topic), ("run id", run_id)):
+        for label, part in (("kind", kind), ("run id", run_id)):
             if not part or "/" in part or part in (".", ".."):
                 raise UserError(f"invalid {label} {part!r} for the run directory")
-        self.run_dir = Path(root) / kind / topic / run_id
+        self.run_dir = Path(root) / kind / Path(*check_topic(topic)) / run_id
         try:
             self.run_dir.parent.mkdir(parents=True, exist_ok=True)
             self.run_dir.mkdir()

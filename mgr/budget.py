@@ -9,7 +9,6 @@ from typing import Any
 from mgr.errors import UserError
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Budget:
     max_iterations: int | None = None
@@ -26,6 +25,7 @@ class Budget:
             raise UserError(f"--max-iterations must be a whole number, got {self.max_iterations!r}")
         if self.warmup_steps < 0:
             raise UserError(f"--warmup-steps must be >= 0, got {self.warmup_steps!r}")
+        check_warmup(self.warmup_steps, self.max_iterations, "--max-iterations")
 
     @property
     def is_bounded(self) -> bool:
@@ -37,6 +37,13 @@ class Budget:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_warmup(warmup_steps: int, steps: int | None, what: str) -> None:
+    """Warm-up must leave a step to time. One step is a smoke run: it is allowed, and reports no step time."""
+    if steps is not None and steps > 1 and warmup_steps >= steps:
+        raise UserError(f"--warmup-steps {warmup_steps} leaves none of the {steps} steps ({what}) to time; "
+                        f"lower it below {steps}")
 
 
 class BudgetTracker:
@@ -57,6 +64,7 @@ class BudgetTracker:
         if budget.target_flops is not None and flops_per_step > 0:
             planned.append(math.ceil(budget.target_flops / flops_per_step))
         self.max_steps = min(planned) if planned else None
+        check_warmup(budget.warmup_steps, self.max_steps, "planned from the budget")
 
     def charge(self, flops: float) -> None:
         self.steps += 1

@@ -43,10 +43,22 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
-    return int(text)
+def _whole_number_at_least(minimum: int, below: int | None = None):
+    """One rule for every count and seed: a whole number, also in float notation (1e3, 2048.0), in range."""
+    def parse(text: str) -> int:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        # NaN and inf are checked first: int() raises on them instead of answering.
+        if not math.isfinite(value) or value != int(value) or value < minimum or (below and value >= below):
+            bound = f"in [{minimum}, {below:.4g})" if below else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"must be a whole number {bound}, got {text!r}")
+        return int(text) if text.strip().lstrip("+").isdigit() else int(value)  # int(): exact past 2^53
+    return parse
+
+
+_non_negative_int = _whole_number_at_least(0)
 
 
 def add_run_flags(parser: argparse.ArgumentParser, *, budget: bool = True, warmup_steps: int = 1) -> None:
@@ -62,12 +74,16 @@ def add_run_flags(parser: argparse.ArgumentParser, *, budget: bool = True, warmu
     r = parser.add_argument_group("run")
     r.add_argument("--warmup-steps", type=_non_negative_int, default=warmup_steps,
                    help=f"steps excluded from throughput figures, not from the budget (default: {warmup_steps})")
-    r.add_argument("--seed", type=int, default=0, help="seed of the run's PRNG key and data order (default: 0)")
+    r.add_argument("--seed", type=_whole_number_at_least(0, below=2**32), default=0,
+                   help="seed of the run's PRNG key and data order, in [0, 2^32) (default: 0)")
     r.add_argument("--artifacts-dir", default="artifacts", help="root of the run directories (default: artifacts)")
     r.add_argument("--artifacts-kind", help="override the demo's kind (first directory level)")
-    r.add_argument("--artifacts-topic", help="override the demo's topic (second directory level)")
-    r.add_argument("--run-id", help="run directory name (default: YYYYMMDD_HHMMSS)")
+    r.add_argument("--artifacts-topic",
+                   help="override the demo's topic (second directory level; may nest, e.g. fixed_flops/nanochat)")
+    r.add_argument("--run-id", help="run directory name (default: YYYYMMDD_HHMMSS_mmm, unique and sortable)")
     r.add_argument("--device", choices=DEVICES, default="auto", help="JAX platform (default: auto)")
+    r.add_argument("--json-out", metavar="PATH",
+                   help="also write the run's summary.json to PATH (its directory is created)")
 
 
 def launch_from_args(demo, config, args: argparse.Namespace, budget, command: list[str]) -> int:
@@ -77,7 +93,7 @@ def launch_from_args(demo, config, args: argparse.Namespace, budget, command: li
     select_device(args.device)
     code, _ = launch(demo, config, budget=budget, seed=args.seed, artifacts_dir=args.artifacts_dir,
                      run_id=args.run_id or default_run_id(), kind=args.artifacts_kind, topic=args.artifacts_topic,
-                     argv=command)
+                     argv=command, json_out=args.json_out)
     return code
 
 

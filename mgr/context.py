@@ -181,13 +181,15 @@ class RunContext:
             batch_read = pending[:-1] if keep_newest else pending[:]
             if not batch_read:
                 return
-            del pending[:len(batch_read)]
+            # Steps leave `pending` only once logged: an interrupt during the blocking transfer leaves them for
+            # the interrupt handler's read, so metrics.jsonl holds every step the summary counts.
             hosts = jax.device_get([m for _, m in batch_read])
             windows.append((time.perf_counter(), len(batch_read)))
             for (at_step, _), host in zip(batch_read, hosts):
                 host = _host(host)
-                losses.append(host["loss"])
                 self.writer.log({"variant": name, "step": at_step, **host})
+                pending.pop(0)
+                losses.append(host["loss"])
                 if not np.all(np.isfinite(np.asarray(host["loss"], dtype=np.float64))):
                     raise Diverged(f"{name}: non-finite loss at step {at_step}")
                 last = host

@@ -19,6 +19,9 @@ class Demo:
     # Steps per training run when the user gives no budget at all: a number, or a function of the config for a
     # demo with its own steps option (budget flags still replace it).
     default_max_iterations: int | Callable[[Any], int] = 100
+    # check(config, budget) raises UserError for bad input; the launcher calls it before making the run directory,
+    # so a refused run is one line and leaves nothing behind.
+    check: Callable[[Any, Any], None] | None = None
 
     def default_iterations(self, config: Any) -> int:
         default = self.default_max_iterations

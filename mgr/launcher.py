@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import signal
 import traceback
+from pathlib import Path
 from typing import Any
 
 from rich import box
 from rich.console import Console
 from rich.table import Table as RichTable
 
-from mgr.artifacts import SCHEMA_VERSION, RunWriter
+from mgr.artifacts import SCHEMA_VERSION, RunWriter, atomic_write_json, check_output_file
 from mgr.budget import Budget, combine_records
 from mgr.context import RunContext
 from mgr.demo import Demo
@@ -18,30 +19,54 @@ from mgr.errors import Diverged, UserError
 from mgr.meta import run_meta
 from mgr.results import Results, Table, fmt, to_jsonable
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM), what a scheduler or `kill` sends
+SEED_LIMIT = 2**32  # jax.random.key keeps 32 bits of a seed: 2**32 would give seed 0's key again
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the loop is so that it stops like Ctrl-C (metrics read, summary written)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"signal {signum}")
+
+
+def check_seed(seed: Any, flag: str = "--seed") -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"{flag} must be a whole number in [0, 2^32), got {seed!r}")
 
 
 def launch(demo: Demo, config: Any, *, budget: Budget, seed: int, artifacts_dir: str, run_id: str,
            kind: str | None = None, topic: str | None = None, argv: list[str] | None = None,
-           console: Console | None = None) -> tuple[int, dict]:
-    """Run ``demo`` and write its run directory. Returns (exit code, summary)."""
+           console: Console | None = None, json_out: str | None = None) -> tuple[int, dict]:
+    """Run ``demo`` and write its run directory (and the summary to ``json_out`` too). Returns (exit code, summary).
+
+    Everything that can be checked without running (seed, budget, the demo's config, where files go) is checked
+    before the run directory exists; from then on whatever happens ends in a summary."""
     console = console or Console()
+    check_seed(seed)
     budget = budget.or_default(demo.default_iterations(config))
     kind, topic = kind or demo.kind, topic or demo.default_topic
+    if demo.check is not None:
+        demo.check(config, budget)
+    if json_out is not None:
+        check_output_file(json_out, "--json-out")
     writer = RunWriter(artifacts_dir, kind, topic, run_id)
-    writer.write_json("config.json", {"demo": demo.name, "config": config, "seed": seed, "budget": budget.to_dict()})
-    meta = run_meta(run_id=run_id, kind=kind, topic=topic, argv=argv or [], seed=seed)
-    ctx = RunContext(seed=seed, budget=budget, writer=writer)
+    meta = {"run_id": run_id, "kind": kind, "topic": topic, "argv": argv or [], "seed": seed}
+    ctx = None
     status, error, results, code = "completed", None, Results(), 0
-    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        writer.write_json("config.json", {"demo": demo.name, "config": config, "seed": seed,
+                                          "budget": budget.to_dict()})
+        meta = run_meta(run_id=run_id, kind=kind, topic=topic, argv=argv or [], seed=seed)
+        ctx = RunContext(seed=seed, budget=budget, writer=writer)
         results = demo.run(config, ctx)
-    except KeyboardInterrupt:
-        status, error, code = "interrupted", "interrupted by signal", EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        status, code = "interrupted", EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+        error = "terminated by SIGTERM" if terminated else "interrupted (Ctrl-C)"
     except Diverged as e:
         status, error, code = "diverged", str(e), 1
     except UserError as e:
@@ -52,26 +77,29 @@ def launch(demo: Demo, config: Any, *, budget: Budget, seed: int, artifacts_dir:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        summary = _summary(meta, budget, ctx, results, status, error)
+        summary = _summary(meta, budget, writer, ctx, results, status, error)
         writer.write_json("summary.json", summary)
         writer.write_text("run.md", render_markdown(summary))
         writer.close()
+        if json_out is not None:
+            atomic_write_json(Path(json_out), summary)
         print_summary(summary, console)
     return code, summary
 
 
-def _summary(meta: dict, budget: Budget, ctx: RunContext, results: Results, status: str,
+def _summary(meta: dict, budget: Budget, writer: RunWriter, ctx: RunContext | None, results: Results, status: str,
              error: str | None) -> dict:
+    budget_records = ctx.budget_records if ctx else {}
     return to_jsonable({
         "schema_version": SCHEMA_VERSION,
         "status": status,
         "error": error,
         "meta": meta,
-        "budget": {**budget.to_dict(), **combine_records(ctx.budget_records), "variants": ctx.budget_records},
-        "results": {**results.metrics, "train": ctx.train_summaries,
+        "budget": {**budget.to_dict(), **combine_records(budget_records), "variants": budget_records},
+        "results": {**results.metrics, "train": ctx.train_summaries if ctx else {},
                     "tables": [t.to_dict() for t in results.tables], "notes": results.notes,
-                    "plots": sorted(f"plots/{p.name}" for p in ctx.writer.plots_dir.iterdir())},
-        "run_dir": str(ctx.run_dir),
+                    "plots": sorted(f"plots/{p.name}" for p in writer.plots_dir.iterdir())},
+        "run_dir": str(writer.run_dir),
     })
 
 

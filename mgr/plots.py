@@ -7,6 +7,8 @@ from typing import Sequence
 
 import matplotlib
 
+from mgr.errors import UserError
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -22,8 +24,12 @@ def figure(n_panels: int = 1):
 
 def save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        fig.savefig(path)
+    except OSError as e:  # a full disk (ENOSPC) or a removed directory: the run's summary is still written
+        raise UserError(f"cannot write plot {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
     return Path(path)
 
 

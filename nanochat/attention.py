@@ -1,6 +1,6 @@
 """Causal softmax attention behind one function with an `implementation` switch.
 
-"xla" is the default because it is written as two explicit einsums: the jaxpr walk of the FLOPs estimator sees
+"xla" ("standard" is its alias) is the default because it is written as two explicit einsums: the jaxpr walk of the FLOPs estimator sees
 QK^T and AV as dot_generals (full T x S, the PaLM/nanochat convention), and it is the only implementation that
 supports a query offset (KV-cached decoding). "jax" and "cudnn" go through `jax.nn.dot_product_attention`.
 
@@ -13,9 +13,11 @@ import jax.numpy as jnp
 from mgr.errors import UserError
 
 IMPLEMENTATIONS = ("xla", "cudnn", "jax")
+ALIASES = {"standard": "xla"}  # the earlier fixed-FLOPs harness's name for the plain kernel
 
 
 def check_implementation(implementation: str) -> None:
+    implementation = ALIASES.get(implementation, implementation)
     if implementation not in IMPLEMENTATIONS:
         raise UserError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
     if implementation == "cudnn" and jax.default_backend() != "gpu":
@@ -30,6 +32,7 @@ def causal_attention(q_BTHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, *,
     keys are a whole cache buffer, queries start at position q_offset) is only supported by "xla".
     """
     check_implementation(implementation)
+    implementation = ALIASES.get(implementation, implementation)
     _, T, H, K = q_BTHK.shape
     S, G = k_BSGK.shape[1], k_BSGK.shape[2]
     if H % G:

@@ -48,8 +48,8 @@ class Config:
         "help": "linear LR warm-up steps; nanochat uses none (--warmup-steps only excludes steps from timing)"})
     lr_warmdown_frac: float = field(default=0.2, metadata={"help": "final fraction of steps decaying LR linearly"})
     final_lr_frac: float = field(default=0.0, metadata={"help": "LR multiplier reached at the end of warm-down"})
-    attention_type: str = field(default="xla", metadata={"help": "attention kernel",
-                                                          "choices": ("xla", "jax", "cudnn")})
+    attention_type: str = field(default="xla", metadata={"help": "attention kernel (standard = xla)",
+                                                          "choices": ("xla", "standard", "jax", "cudnn")})
     dtype: str = field(default="auto", metadata={"help": "compute dtype (params stay fp32); auto = bf16 on GPU",
                                                  "choices": ("auto", "float32", "bfloat16")})
     scan_layers: bool = field(default=True, metadata={"help": "run the blocks as a lax.scan (fast compile)"})
