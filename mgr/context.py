@@ -133,12 +133,15 @@ class RunContext:
     def train(self, name: str, step_fn: StepFn | dict[Hashable, StepFn], state: Any,
               batch_fn: Callable[[int], Any], *, eval_fn: Callable[[Any], dict] | None = None,
               eval_every: int = 0, choose: Callable[[int, dict | None], Hashable] | None = None,
-              start_step: int = 0, hooks: tuple[tuple[int, Callable[[int, Any], None]], ...] = ()) -> TrainResult:
+              start_step: int = 0, hooks: tuple[tuple[int, Callable[[int, Any], None]], ...] = (),
+              on_interrupt: Callable[[int, Any], None] | None = None) -> TrainResult:
         """Train ``state`` with ``step_fn`` until the run's budget is spent; see the module docstring.
 
         ``start_step`` resumes a run: those steps count as already spent (at the first step's FLOPs).
         ``hooks`` are ``(every, fn(step, state))`` pairs called after every ``every``-th step, e.g. checkpointing;
         they sync with the device, so their time is excluded from step times and the time budget like evals.
+        ``on_interrupt(step, state)`` runs once on Ctrl-C/SIGTERM after the last metrics are read (e.g. a checkpoint
+        of the state reached, so the run can be resumed); the interrupt then propagates.
         """
         if name in self.budget_records:
             raise ValueError(f"variant {name!r} trained twice in one run")
@@ -246,6 +249,8 @@ class RunContext:
         except KeyboardInterrupt:
             tracker.stopped_by = "interrupted"
             read(keep_newest=False)  # the steps that ran keep their metrics
+            if on_interrupt is not None and step > start_step:
+                on_interrupt(step, state)
             raise
         except Diverged:
             tracker.stopped_by = "diverged"

@@ -23,12 +23,22 @@ class Checkpointer:
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
     def save(self, step: int, arrays: Any, meta: dict[str, Any]) -> None:
-        self._manager.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
-                                                         meta=ocp.args.JsonSave(meta)), force=True)
+        try:
+            self._manager.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
+                                                             meta=ocp.args.JsonSave(meta)), force=True)
+        except OSError as e:  # a full disk (ENOSPC): one line naming where, the run's summary is still written
+            raise UserError(f"cannot write checkpoint {self.directory / str(step)}: {e.strerror or e}") from None
+
+    def has(self, step: int) -> bool:
+        return step in self._manager.all_steps()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self._manager.wait_until_finished()
+        except OSError as e:  # an asynchronous save that failed on disk
+            raise UserError(f"cannot write checkpoint under {self.directory}: {e.strerror or e}") from None
+        finally:
+            self._manager.close()
 
 
 def _locate(path: str | Path) -> tuple[Path, int | None]:
@@ -56,8 +66,8 @@ def read_meta(path: str | Path) -> tuple[Path, int, dict[str, Any]]:
         with ocp.CheckpointManager(root) as manager:
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # orbax raises many types for unreadable checkpoints
-        raise UserError(f"checkpoint {path}: unreadable checkpoint metadata at step {step} "
-                        f"({e.__class__.__name__})") from None
+        raise UserError(f"checkpoint {path}: unreadable checkpoint metadata in {root / str(step)} "
+                        f"({e.__class__.__name__}: {_first_line(e)})") from None
     return root, step, meta
 
 
@@ -68,6 +78,13 @@ def restore_arrays(root: Path, step: int, like: Any) -> Any:
         with ocp.CheckpointManager(root) as manager:
             restored = manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract)))
     except Exception as e:  # orbax raises many types for corrupt or mismatched trees
-        raise UserError(f"checkpoint {root}: cannot restore step {step} ({e.__class__.__name__}: "
-                        f"{str(e).splitlines()[0][:160]})") from None
+        raise UserError(f"checkpoint {root}: cannot restore step {step}: the arrays in {root / str(step) / 'arrays'} "
+                        f"are damaged or of another model ({e.__class__.__name__}: {_first_line(e)})") from None
     return restored["arrays"]
+
+
+def _first_line(e: BaseException) -> str:
+    """A readable line of a library's error: some (tensorstore through pybind11) print as a bound method's repr."""
+    text = str(e).strip()
+    line = text.splitlines()[0][:160] if text else ""
+    return "no details" if not line or line.startswith("<bound method") else line

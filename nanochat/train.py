@@ -27,7 +27,8 @@ from mgr.methods.partial import block_relevance
 from mgr.plots import plot_curves
 from mgr.results import Results, Table
 from nanochat.checkpoint import Checkpointer, read_meta, restore_arrays
-from nanochat.data import DataSpec, open_source
+from nanochat.attention import check_implementation
+from nanochat.data import DataSpec, open_source, resolve_data
 from nanochat.data.loader import Loader
 from nanochat.model import GPT, GPTConfig, estimate_flops, generate, loss_fn
 from nanochat.tokenizer import bits_per_byte, load_tokenizer
@@ -65,7 +66,12 @@ class Config:
     eval_tokens: int = field(default=16384, metadata={"help": "validation tokens per eval"})
     sample_every: int = field(default=0, metadata={"help": "steps between logged samples (0: only at the end)"})
     sample_tokens: int = field(default=64, metadata={"help": "tokens generated per sample"})
-    checkpoint_every: int = field(default=0, metadata={"help": "steps between orbax checkpoints (0: none)"})
+    vocab_size: int = field(default=0, metadata={
+        "help": "model vocabulary; 0 = the tokenizer's, or for .bin token files with larger ids the largest id + 1"})
+    checkpoint: bool = field(default=True, metadata={
+        "help": "save an orbax checkpoint at the end of the run and when it is interrupted (--no-checkpoint: none)"})
+    checkpoint_every: int = field(default=0, metadata={"help": "also save one every this many steps (0: only "
+                                                               "at the end and on interrupt)"})
     resume: str | None = field(default=None, metadata={
         "help": "continue from a run directory's newest checkpoint, or from one step: RUN_DIR/checkpoints/STEP"})
 
@@ -185,10 +191,29 @@ def make_eval(graphdef: Any, val: dict[str, np.ndarray]) -> Callable[[dict], dic
 
 # --- data ------------------------------------------------------------------------------------------------------
 
-def build_data(config: Config, seed: int, tokenizer) -> tuple[Loader, dict[str, np.ndarray]]:
-    spec = DataSpec(data=config.data, data_format=config.data_format, auto_download=config.auto_download_data,
+def data_spec(config: Config) -> DataSpec:
+    return DataSpec(data=config.data, data_format=config.data_format, auto_download=config.auto_download_data,
                     min_parquet_files=config.min_parquet_files, data_url=config.data_url, data_dir=config.data_dir)
-    source = open_source(spec, seed=seed % 2**64, row_len=config.sequence_len + 1)
+
+
+def check_token_ids(source, tokenizer, config: Config) -> None:
+    """Token files hold ids of the tokenizer that wrote them: refuse ids the named tokenizer (or --vocab-size) has
+    no room for. Under the default byte tokenizer larger ids are trained on as plain ids (vocab from the data)."""
+    max_id = getattr(source, "max_token", None)
+    if max_id is None:
+        return
+    if config.vocab_size and max_id >= config.vocab_size:
+        raise UserError(f"--data holds token id {max_id} but --vocab-size is {config.vocab_size}; "
+                        f"pass --vocab-size {max_id + 1} or more")
+    if config.tokenizer != "byte" and max_id >= tokenizer.vocab_size:
+        raise UserError(f"--data holds token id {max_id} but tokenizer {config.tokenizer} has a vocab of "
+                        f"{tokenizer.vocab_size}; pass the tokenizer that wrote the file (a directory with its "
+                        "tokenizer.json, or GPT-2's vocab.json + merges.txt) or --tokenizer byte to train on ids")
+
+
+def build_data(config: Config, seed: int, tokenizer) -> tuple[Loader, dict[str, np.ndarray]]:
+    source = open_source(data_spec(config), seed=seed % 2**64, row_len=config.sequence_len + 1)
+    check_token_ids(source, tokenizer, config)
     train = Loader(source, tokenizer, seq_len=config.sequence_len, batch_size=config.batch_size * config.grad_accum,
                    seed=seed, split="train")
     val_loader = Loader(source, tokenizer, seq_len=config.sequence_len, batch_size=config.batch_size, seed=seed,
@@ -199,55 +224,109 @@ def build_data(config: Config, seed: int, tokenizer) -> tuple[Loader, dict[str, 
     return train, val
 
 
-def check_config(config: Config) -> None:
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_config(config: Config, budget=None) -> None:
+    """Everything about a run that can be checked before it starts (the launcher calls this before making the run
+    directory): option ranges, the tokenizer, where the data is (downloading shards when asked), the checkpoint
+    to resume and whether the budget leaves it anything to do."""
     for name in ("depth", "sequence_len", "batch_size", "grad_accum", "eval_tokens", "sample_tokens"):
         if getattr(config, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
-    for name in ("eval_every", "sample_every", "checkpoint_every", "lr_warmup_steps"):
+            raise UserError(f"{_flag(name)} must be >= 1, got {getattr(config, name)}")
+    for name in ("eval_every", "sample_every", "checkpoint_every", "lr_warmup_steps", "vocab_size"):
         if getattr(config, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+            raise UserError(f"{_flag(name)} must be >= 0, got {getattr(config, name)}")
     if not 0 <= config.lr_warmdown_frac <= 1 or not 0 <= config.final_lr_frac <= 1:
         raise UserError("--lr-warmdown-frac and --final-lr-frac must lie in [0, 1]")
-    if config.lr <= 0 or config.matrix_lr <= 0:
-        raise UserError("--lr and --matrix-lr must be positive")
+    for name in ("lr", "matrix_lr"):
+        if not (math.isfinite(getattr(config, name)) and getattr(config, name) > 0):
+            raise UserError(f"{_flag(name)} must be a positive finite number, got {getattr(config, name)}")
+    for name in ("weight_decay", "grad_clip"):
+        if not (math.isfinite(getattr(config, name)) and getattr(config, name) >= 0):
+            raise UserError(f"{_flag(name)} must be a finite number >= 0, got {getattr(config, name)}")
+    check_implementation(config.attention_type)
+    tokenizer = load_tokenizer(config.tokenizer)
+    kind, _ = resolve_data(data_spec(config))
+    if config.resume:
+        _, step, meta = read_meta(config.resume)
+        _check_resumable(config, meta, step, budget)
+        if kind != "bin":  # token files set the vocabulary from their ids, known once they are read
+            _check_same_model(config, model_config(config, config.vocab_size or tokenizer.vocab_size), meta)
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
 
-def _resume(config: Config, cfg: GPTConfig, state: dict, train: Loader) -> tuple[dict, int]:
-    root, step, meta = read_meta(config.resume)
-    if meta.get("model") != dataclasses.asdict(cfg):
-        raise UserError(f"--resume {config.resume}: checkpoint model {meta.get('model')} differs from this run's "
-                        f"{dataclasses.asdict(cfg)}")
+def _check_resumable(config: Config, meta: dict, step: int, budget) -> None:
     if meta.get("optimizer_type") != config.optimizer_type:
         raise UserError(f"--resume {config.resume}: checkpoint optimizer {meta.get('optimizer_type')!r} differs "
                         f"from --optimizer-type {config.optimizer_type}")
+    if budget is not None and budget.max_iterations is not None and step >= budget.max_iterations:
+        raise UserError(f"--resume {config.resume}: the checkpoint is at step {step}, already at or past "
+                        f"--max-iterations {budget.max_iterations}; raise it to train further")
+
+
+def _check_same_model(config: Config, cfg: GPTConfig, meta: dict) -> None:
+    saved, mine = meta.get("model") or {}, dataclasses.asdict(cfg)
+    differ = [f"{k} {saved.get(k)} vs {mine.get(k)}" for k in sorted(set(saved) | set(mine))
+              if saved.get(k) != mine.get(k)]
+    if differ:
+        raise UserError(f"--resume {config.resume}: the checkpoint's model differs from this run's in "
+                        f"{'; '.join(differ)} (checkpoint vs this run)")
+
+
+def _data_flags(config: Config) -> dict[str, Any]:
+    return {"data": config.data, "data_format": config.data_format, "tokenizer": config.tokenizer}
+
+
+def _resume(config: Config, cfg: GPTConfig, state: dict, train: Loader, ctx) -> tuple[dict, int, list[str]]:
+    root, step, meta = read_meta(config.resume)
+    _check_same_model(config, cfg, meta)
+    _check_resumable(config, meta, step, None)
     state = restore_arrays(root, step, state)
     train.load_state_dict(meta["data"])
-    return state, step
+    notes = []
+    saved_data = meta.get("data_flags")
+    if saved_data is not None and saved_data != _data_flags(config):
+        notes.append(f"resumed from {root}/{step} with other data flags: checkpoint {saved_data}, this run "
+                     f"{_data_flags(config)}")
+        ctx.console.print(f"warning: {notes[-1]}", highlight=False, markup=False)
+    return state, step, notes
 
 
 def _sample(graphdef, params, tokenizer, prompt: np.ndarray, n: int, seed: int) -> str:
     model = nnx.merge(graphdef, params)
     out = generate(model, jnp.asarray(prompt)[None], n, temperature=0.8, key=jax.random.key(seed))
-    return tokenizer.decode(np.asarray(out[0]).tolist())
+    ids = np.asarray(out[0]).tolist()
+    if max(ids) >= tokenizer.vocab_size:  # ids of a token file's own tokenizer, which this run does not have
+        return "token ids " + " ".join(map(str, ids))
+    return tokenizer.decode(ids)
 
 
 def run(config: Config, ctx) -> Results:
-    check_config(config)
     tokenizer = load_tokenizer(config.tokenizer)
     train, val = build_data(config, ctx.seed, tokenizer)
-    cfg = model_config(config, train.vocab_size)
+    cfg = model_config(config, config.vocab_size or train.vocab_size)
+    notes = []
+    if train.vocab_size > tokenizer.vocab_size:
+        notes.append(f"the token file's ids go up to {train.vocab_size - 1}, beyond the byte tokenizer's "
+                     f"{tokenizer.vocab_size}: trained on plain ids with a vocab of {cfg.vocab_size}; no bits per "
+                     "byte (byte lengths unknown), samples shown as ids")
     model = build_model(config, cfg, ctx.seed)
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(config, params)
     state = init_state(params, tx)
     start_step = 0
     if config.resume:
-        state, start_step = _resume(config, cfg, state, train)
+        state, start_step, resume_notes = _resume(config, cfg, state, train, ctx)
+        notes += resume_notes
     step_fn = make_train_step(graphdef, tx, config)
 
     plan = ctx.plan(step_fn, state, train(start_step))
+    if plan.max_steps is not None and plan.max_steps <= start_step:
+        raise UserError(f"--resume {config.resume}: the checkpoint is at step {start_step} but the budget plans "
+                        f"{plan.max_steps} steps in all; raise the budget to train further")
     state["total_steps"] = jnp.asarray(plan.max_steps or 0, jnp.int32)
 
     prompt = val["inputs_BT"][0, 0, : min(16, config.sequence_len)]
@@ -259,24 +338,31 @@ def run(config: Config, ctx) -> Results:
         ctx.log({"step": step, "sample": text})
 
     hooks = []
-    checkpointer = Checkpointer(ctx.run_dir) if config.checkpoint_every else None
-    if checkpointer:
-        def save(step, st):
-            checkpointer.save(step, st, {"step": step, "data": train.state_dict(), "model": dataclasses.asdict(cfg),
-                                         "optimizer_type": config.optimizer_type})
+    checkpointer = Checkpointer(ctx.run_dir) if config.checkpoint else None
+
+    def save(step, st):
+        checkpointer.save(step, st, {"step": step, "data": train.state_dict(), "model": dataclasses.asdict(cfg),
+                                     "optimizer_type": config.optimizer_type, "data_flags": _data_flags(config)})
+
+    if checkpointer and config.checkpoint_every:
         hooks.append((config.checkpoint_every, save))
     if config.sample_every:
         hooks.append((config.sample_every, sample_hook))
     try:
         result = ctx.train("nanochat", step_fn, state, train, eval_fn=make_eval(graphdef, val),
-                           eval_every=config.eval_every, start_step=start_step, hooks=tuple(hooks))
+                           eval_every=config.eval_every, start_step=start_step, hooks=tuple(hooks),
+                           on_interrupt=save if checkpointer else None)
+        # result.steps counts the resumed steps too: it is the step number reached.
+        if checkpointer and not checkpointer.has(result.steps):
+            save(result.steps, result.state)
     finally:
         if checkpointer:
             checkpointer.close()
-    # result.steps counts the resumed steps too: it is the step number reached.
     if not samples or samples[-1][0] != result.steps:
         sample_hook(result.steps, result.state)
-    return _report(config, ctx, cfg, result, train.entropy_rate, samples)
+    report = _report(config, ctx, cfg, result, train.entropy_rate, samples)
+    report.notes.extend(notes + getattr(train.source, "notes", []))
+    return report
 
 
 def _report(config, ctx, cfg, result, floor, samples) -> Results:
@@ -329,7 +415,7 @@ def _report(config, ctx, cfg, result, floor, samples) -> Results:
 
 
 DEMO = Demo(name="nanochat", description="nanochat GPT trained for a fixed budget; val bits per byte, MFU, samples",
-            config=Config, run=run, kind="nanochat", topic="train", default_max_iterations=200)
+            config=Config, run=run, check=check_config, kind="nanochat", topic="train", default_max_iterations=200)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,7 +196,7 @@ def _corrupt_arrays(tmp_path, run):
     for f in (copy / "checkpoints" / "6" / "arrays").rglob("*"):
         if f.is_file():
             f.write_bytes(b"\0garbage")
-    return ["--resume", str(copy)]
+    return ["--resume", str(copy), "--max-iterations", "8"]
 
 
 BAD_INPUT = {
@@ -206,11 +206,16 @@ BAD_INPUT = {
                                         "4096"], "cannot fill a single row"),
     "no_checkpoint": (lambda p, _: ["--resume", str(p)], "no checkpoint found"),
     "garbage_checkpoint": (_garbage_checkpoint, "unreadable checkpoint"),
-    "corrupt_arrays": (_corrupt_arrays, "cannot restore step 6"),
-    "other_model": (lambda _, run: ["--depth", "2", "--resume", str(run)], "differs from this run's"),
+    "corrupt_arrays": (_corrupt_arrays, "arrays in"),
+    "other_model": (lambda _, run: ["--depth", "2", "--resume", str(run), "--max-iterations", "8"],
+                    "differs from this run's in n_embd 64 vs 128; n_head 1 vs 2; n_kv_head 1 vs 2; n_layer 1 vs 2"),
+    "past_budget": (lambda _, run: ["--resume", str(run)], "at step 6, already at or past --max-iterations 2"),
     "depth_0": (lambda p, _: ["--depth", "0"], "--depth must be >= 1"),
     "cudnn_on_cpu": (lambda p, _: ["--attention-type", "cudnn"], "needs a GPU"),
 }
+# Checked before the run starts: these leave no run directory. The others need the data or the arrays read.
+UP_FRONT = {"missing_data", "no_checkpoint", "garbage_checkpoint", "other_model", "past_budget", "depth_0",
+            "cudnn_on_cpu"}
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)
@@ -224,9 +229,12 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, checkpointed_run, case):
     code, run_dir = train(tmp_path / "runs", "bad", "--max-iterations", "2", *flags)
     assert code == 2
     assert expected in one_error_line(capsys)
-    summary = read_json(run_dir / "summary.json")
-    assert summary["status"] == "failed" and summary["budget"]["variants"] == {}
-    assert not (run_dir / "checkpoints").exists()
+    if case in UP_FRONT:
+        assert not run_dir.exists()
+    else:
+        summary = read_json(run_dir / "summary.json")
+        assert summary["status"] == "failed" and summary["budget"]["variants"] == {}
+        assert not any((run_dir / "checkpoints").glob("[0-9]*"))
     assert snapshot(checkpointed_run) == source
 
 
