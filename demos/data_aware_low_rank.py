@@ -11,6 +11,7 @@ tokens (the objective) and on held-out tokens (whether it generalises).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from mgr.methods import approx as A
 from mgr import structured_inputs as S
 from mgr import variant_bench as V
 from mgr.demo import Demo
+from mgr.errors import UserError
 from mgr.results import Results, Table
 
 
@@ -35,6 +37,12 @@ class Config(V.BenchSpec):
     heavy_tail_df: float | None = field(default=5.0, metadata={
         "help": "Student-t degrees of freedom (> 2) for heavy-tailed activations; none = Gaussian"})
     outlier_channels: int = field(default=8, metadata={"help": "activation channels scaled up by outlier_scale"})
+
+    def check(self, budget=None) -> None:
+        super().check(budget)
+        A.ranks_for(self.rank_fracs, 1)  # fractions in (0, 1]; the ranks need the layer's size
+        if not (math.isfinite(self.damping) and self.damping >= 0):
+            raise UserError(f"--damping must be a finite number >= 0, got {self.damping}")
 
 
 def run(cfg: Config, ctx) -> Results:
@@ -86,4 +94,4 @@ def run(cfg: Config, ctx) -> Results:
 
 DEMO = Demo(name="data-aware-low-rank",
             description="low rank fitted to calibration activations (whitened SVD, + diagonal) vs plain SVD",
-            config=Config, run=run, kind="benches", topic="data_aware_low_rank")
+            config=Config, run=run, check=Config.check, kind="benches", topic="data_aware_low_rank")

@@ -11,6 +11,7 @@ inference cost, with the training FLOPs spent beside it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -141,12 +142,18 @@ def distill(layer: Layer, cfg: Config, ctx, ranks: list[int]) -> tuple[list[V.Va
     return variants, rows, curves, paths
 
 
-def run(cfg: Config, ctx) -> Results:
+def check(cfg: Config, budget=None) -> None:
+    V.BenchSpec.check(cfg, budget)
+    A.ranks_for(cfg.rank_fracs, 1)  # fractions in (0, 1]; the ranks need the layer's size
     if not cfg.inits or set(cfg.inits) - set(INITS):
         raise UserError(f"inits must be a non-empty subset of {', '.join(INITS)}, got {cfg.inits}")
-    if cfg.batch_size < 1 or (cfg.lr is not None and cfg.lr <= 0) or cfg.eval_every < 0 or cfg.expansion < 1:
-        raise UserError(f"batch_size and expansion must be >= 1, lr > 0 and eval_every >= 0, got {cfg.batch_size}, "
-                        f"{cfg.expansion}, {cfg.lr} and {cfg.eval_every}")
+    if cfg.batch_size < 1 or (cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0)) \
+            or cfg.eval_every < 0 or cfg.expansion < 1:
+        raise UserError(f"batch_size and expansion must be >= 1, lr a finite number > 0 and eval_every >= 0, got "
+                        f"{cfg.batch_size}, {cfg.expansion}, {cfg.lr} and {cfg.eval_every}")
+
+
+def run(cfg: Config, ctx) -> Results:
     metrics, tables, panels, train_rows, paths = {}, [], {}, [], {}
     for which in BENCHMARKS[cfg.benchmark]:
         layer = make_layer(which, cfg, ctx.seed)
@@ -174,5 +181,5 @@ def run(cfg: Config, ctx) -> Results:
 
 DEMO = Demo(name="low-rank-recovery",
             description="low-rank projection / MLP (SVD or data-aware init) distilled back towards dense",
-            config=Config, run=run, kind="benches", topic="low_rank_recovery",
+            config=Config, run=run, check=check, kind="benches", topic="low_rank_recovery",
             default_max_iterations=lambda cfg: cfg.steps)

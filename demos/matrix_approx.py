@@ -39,12 +39,16 @@ class Config(V.BenchSpec):
     oversample: int = field(default=10, metadata={"help": "randomized SVD: extra sketch columns"})
     power_iters: int = field(default=2, metadata={"help": "randomized SVD: power iterations"})
 
+    def check(self, budget=None) -> None:
+        super().check(budget)
+        A.ranks_for(self.rank_fracs, 1)  # fractions in (0, 1]; the ranks need the layer's size
+        if not self.methods or set(self.methods) - set(METHODS):
+            raise UserError(f"methods must be a non-empty subset of {', '.join(METHODS)}, got {self.methods}")
+        if self.expansion < 1 or self.oversample < 0 or self.power_iters < 0:
+            raise UserError("expansion must be >= 1, oversample and power_iters >= 0")
+
 
 def run(cfg: Config, ctx) -> Results:
-    if not cfg.methods or set(cfg.methods) - set(METHODS):
-        raise UserError(f"methods must be a non-empty subset of {', '.join(METHODS)}, got {cfg.methods}")
-    if cfg.expansion < 1 or cfg.oversample < 0 or cfg.power_iters < 0:
-        raise UserError("expansion must be >= 1, oversample and power_iters >= 0")
     mlp_prob = S.make_mlp_problem(ctx.seed, cfg.dmodel, cfg.expansion * cfg.dmodel, cfg)
     lin_prob = S.make_linear_problem(ctx.seed, cfg.dmodel, cfg.dmodel, cfg)
     p = A.MLP(jnp.asarray(mlp_prob.w1_DH), jnp.asarray(mlp_prob.w2_HD))
@@ -98,4 +102,4 @@ def run(cfg: Config, ctx) -> Results:
 
 DEMO = Demo(name="matrix-approx",
             description="truncated-SVD low rank of a projection and an MLP block: FLOPs, time and error vs rank",
-            config=Config, run=run, kind="benches", topic="matrix_approx")
+            config=Config, run=run, check=Config.check, kind="benches", topic="matrix_approx")

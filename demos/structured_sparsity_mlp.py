@@ -33,12 +33,19 @@ class Config(V.BenchSpec):
     two_four: bool = field(default=True, metadata={
         "help": "also run 2:4-masked dense and pruned variants (executed dense: JAX has no 2:4 kernel)"})
 
+    def check(self, budget=None) -> None:
+        super().check(budget)
+        for keep in self.keep_fracs:
+            A.kept_count(keep, 1)  # fractions in (0, 1]; the counts need the layer's size
+        if not self.importance or set(self.importance) - set(A.IMPORTANCE):
+            raise UserError(f"importance must be a non-empty subset of {', '.join(A.IMPORTANCE)}, "
+                            f"got {self.importance}")
+        if not self.keep_fracs or self.expansion < 1:
+            raise UserError(f"keep_fracs must be non-empty and expansion >= 1, got {self.keep_fracs} and "
+                            f"{self.expansion}")
+
 
 def run(cfg: Config, ctx) -> Results:
-    if not cfg.importance or set(cfg.importance) - set(A.IMPORTANCE):
-        raise UserError(f"importance must be a non-empty subset of {', '.join(A.IMPORTANCE)}, got {cfg.importance}")
-    if not cfg.keep_fracs or cfg.expansion < 1:
-        raise UserError(f"keep_fracs must be non-empty and expansion >= 1, got {cfg.keep_fracs} and {cfg.expansion}")
     prob = S.make_mlp_problem(ctx.seed, cfg.dmodel, cfg.expansion * cfg.dmodel, cfg)
     p = A.MLP(jnp.asarray(prob.w1_DH), jnp.asarray(prob.w2_HD))
     d, h = p.w1_DH.shape
@@ -70,4 +77,4 @@ def run(cfg: Config, ctx) -> Results:
 
 DEMO = Demo(name="structured-sparsity-mlp",
             description="neuron pruning (smaller dense MLP) and 2:4 masks: FLOPs, time and output error",
-            config=Config, run=run, kind="benches", topic="structured_sparsity_mlp")
+            config=Config, run=run, check=Config.check, kind="benches", topic="structured_sparsity_mlp")

@@ -43,7 +43,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _whole_number_at_least(minimum: int, below: int | None = None):
+def whole_number(minimum: int, below: int | None = None):
     """One rule for every count and seed: a whole number, also in float notation (1e3, 2048.0), in range."""
     def parse(text: str) -> int:
         try:
@@ -58,7 +58,7 @@ def _whole_number_at_least(minimum: int, below: int | None = None):
     return parse
 
 
-_non_negative_int = _whole_number_at_least(0)
+_non_negative_int = whole_number(0)
 
 
 def add_run_flags(parser: argparse.ArgumentParser, *, budget: bool = True, warmup_steps: int = 1) -> None:
@@ -74,7 +74,7 @@ def add_run_flags(parser: argparse.ArgumentParser, *, budget: bool = True, warmu
     r = parser.add_argument_group("run")
     r.add_argument("--warmup-steps", type=_non_negative_int, default=warmup_steps,
                    help=f"steps excluded from throughput figures, not from the budget (default: {warmup_steps})")
-    r.add_argument("--seed", type=_whole_number_at_least(0, below=2**32), default=0,
+    r.add_argument("--seed", type=whole_number(0, below=2**32), default=0,
                    help="seed of the run's PRNG key and data order, in [0, 2^32) (default: 0)")
     r.add_argument("--artifacts-dir", default="artifacts", help="root of the run directories (default: artifacts)")
     r.add_argument("--artifacts-kind", help="override the demo's kind (first directory level)")

@@ -1,6 +1,7 @@
 """Derive argparse flags from a config dataclass, so a demo declares each option exactly once.
 
-Field metadata: ``help`` (text) and ``choices`` (allowed values). Supported types: int, float, str, bool
+Field metadata: ``help`` (text), ``choices`` (allowed values) and ``aliases`` (more flag names, e.g. the name an
+earlier script used). Supported types: int, float, str, bool
 (``--x``/``--no-x``), ``X | None`` of those, and tuples of int/float/str given comma-separated on the CLI.
 """
 
@@ -66,13 +67,14 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
         tp, optional = _unwrap_optional(hints[field.name])
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         help_text = field.metadata.get("help", "")
+        names = (flag, *field.metadata.get("aliases", ()))
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         if tp is bool:
-            group.add_argument(flag, dest=field.name, default=default, action=argparse.BooleanOptionalAction,
+            group.add_argument(*names, dest=field.name, default=default, action=argparse.BooleanOptionalAction,
                                help=help_text)
             continue
         choices = field.metadata.get("choices")
-        group.add_argument(flag, dest=field.name, default=default, type=_parser_for(tp, optional),
+        group.add_argument(*names, dest=field.name, default=default, type=_parser_for(tp, optional),
                            choices=choices, metavar=None if choices else tp.__name__.upper() if isinstance(tp, type)
                            else "LIST", help=f"{help_text} (default: {shown})")
 

@@ -22,6 +22,8 @@ orbax checkpoints (through nanochat.export, which captures X on the run's traini
 
 from __future__ import annotations
 
+import math
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -38,8 +40,9 @@ class InputSpec:
     """Where a bench's weights and activations come from. Demo configs subclass it (through
     variant_bench.BenchSpec), so every field is also a CLI flag of those demos."""
 
-    weight_decay: str = field(default="power", metadata={
-        "help": "singular-value decay of generated weights", "choices": DECAYS})
+    sv_decay: str = field(default="power", metadata={
+        "help": "how the singular values of generated weights decay (not an optimizer's weight decay)",
+        "choices": DECAYS})
     weight_alpha: float = field(default=1.0, metadata={
         "help": "decay rate: power s_i ~ (i+1)^-alpha, exp s_i ~ exp(-alpha*i/k)"})
     act_beta: float = field(default=1.0, metadata={"help": "activation covariance eigenvalues ~ (i+1)^-beta"})
@@ -51,7 +54,8 @@ class InputSpec:
         "help": "log-normal sigma of per-neuron output gains (generated MLPs)"})
     tokens_train: int = field(default=2048, metadata={"help": "calibration tokens (factorisations, statistics)"})
     tokens_val: int = field(default=1024, metadata={"help": "held-out tokens the output errors are measured on"})
-    tokens: int = field(default=2048, metadata={"help": "tokens per timed call (the bench split)"})
+    tokens: int = field(default=2048, metadata={"help": "tokens per timed call (the bench split)",
+                                                "aliases": ("--tokens-bench",)})
     from_checkpoint: str | None = field(default=None, metadata={
         "help": "a trained nanochat layer replaces the generated inputs: a nanochat run directory (or its "
                 "checkpoints/ or checkpoints/STEP; newest step by default) or a .npz (w1, w2, x) from "
@@ -62,14 +66,36 @@ class InputSpec:
     def validate(self, d_in: int, d_out: int) -> None:
         if min(d_in, d_out) < 1:
             raise UserError(f"layer sizes must be >= 1, got {d_in} x {d_out}")
-        if self.weight_decay not in DECAYS:
-            raise UserError(f"unknown weight decay {self.weight_decay!r} (choose one of {', '.join(DECAYS)})")
-        if self.weight_alpha < 0 or self.act_beta < 0 or self.neuron_gain_sigma < 0:
-            raise UserError("weight_alpha, act_beta and neuron_gain_sigma must be >= 0")
-        if self.heavy_tail_df is not None and self.heavy_tail_df <= 2:
+        if self.sv_decay not in DECAYS:
+            raise UserError(f"unknown singular-value decay {self.sv_decay!r} (choose one of {', '.join(DECAYS)})")
+        for name in ("weight_alpha", "act_beta", "neuron_gain_sigma", "outlier_scale"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise UserError(f"{_flag(name)} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.heavy_tail_df is not None and not self.heavy_tail_df > 2:
             raise UserError(f"heavy_tail_df must be > 2 (finite variance), got {self.heavy_tail_df}")
         if not 0 <= self.outlier_channels <= d_in:
             raise UserError(f"outlier_channels must be in [0, {d_in}], got {self.outlier_channels}")
+
+
+    def check(self, budget=None) -> None:
+        """What can be checked before a run starts (Demo.check): sizes come from the file with --from-checkpoint."""
+        _total_tokens(self)
+        if self.from_checkpoint:
+            path = Path(self.from_checkpoint)
+            if not path.exists():
+                raise UserError(f"--from-checkpoint: checkpoint not found: {path}")
+            if not path.is_dir() and path.suffix != ".npz":
+                raise UserError(f"--from-checkpoint {path}: expected a nanochat run directory or a .npz with "
+                                "arrays w1, w2, x")
+            if path.is_file():
+                load_layer_arrays(path)  # a .npz is small next to the run: open it now rather than fail later
+        else:
+            dmodel = getattr(self, "dmodel", 1)
+            self.validate(dmodel, dmodel)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 class Splits(NamedTuple):
@@ -106,7 +132,7 @@ def random_orthonormal(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
 
 def decaying_weight(rng: np.random.Generator, d_in: int, d_out: int, spec: InputSpec) -> np.ndarray:
     k = min(d_in, d_out)
-    s = decaying_spectrum(k, spec.weight_decay, spec.weight_alpha)
+    s = decaying_spectrum(k, spec.sv_decay, spec.weight_alpha)
     s *= np.sqrt(d_out / np.sum(s**2))
     w = (random_orthonormal(rng, d_in, k) * s) @ random_orthonormal(rng, d_out, k).T
     return w.astype(np.float32)
@@ -212,8 +238,8 @@ def load_layer_arrays(path: str | Path, *, layer: int = 0, n_tokens: int = 8192,
     try:
         with np.load(path) as f:
             return _as_matrix("w1", f["w1"]), _as_matrix("w2", f["w2"]), _as_matrix("x", f["x"])
-    except (KeyError, ValueError, OSError) as e:
-        raise UserError(f"unreadable layer file {path}: {e}") from None
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # BadZipFile: a truncated .npz
+        raise UserError(f"unreadable layer file {path}: {str(e) or e.__class__.__name__}") from None
 
 
 def _checkpoint_arrays(spec: InputSpec, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -42,6 +42,11 @@ class BenchSpec(InputSpec):
     iters: int = dataclasses.field(default=10, metadata={"help": "timed calls per variant"})
     warmup: int = dataclasses.field(default=2, metadata={"help": "untimed calls per variant before timing"})
 
+    def check(self, budget=None) -> None:
+        super().check(budget)
+        if self.iters < 1 or self.warmup < 0:
+            raise UserError(f"--iters must be >= 1 and --warmup >= 0, got {self.iters} and {self.warmup}")
+
 
 @dataclasses.dataclass(frozen=True)
 class Variant:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mgr.artifacts import read_json
+from mgr.artifacts import check_output_file, read_json
 from mgr.errors import UserError
 from nanochat import train
 from nanochat.checkpoint import CHECKPOINT_DIR, read_meta, restore_arrays
@@ -105,13 +106,38 @@ def layer_arrays(path: str | Path, *, layer: int, n_tokens: int, seed: int) -> t
     return w1_DH, w2_HD, x_ND[:n_tokens].astype(np.float32)
 
 
+def _physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_size(run: str, n_tokens: int) -> None:
+    """X is n_tokens x n_embd float32 (plus the token rows and a copy while saving): refuse what cannot fit in half
+    of this machine's memory before minutes of capture head towards it."""
+    _, step, cfg, _ = _read_meta(run)
+    need = n_tokens * cfg.n_embd * 4 * 2
+    if need > _physical_memory_bytes() // 2:
+        raise UserError(f"--tokens {n_tokens} would need about {need / 1e9:.1f} GB for X ({n_tokens} x "
+                        f"{cfg.n_embd} float32, twice while saving), more than half of this machine's "
+                        f"{_physical_memory_bytes() / 1e9:.1f} GB; ask for fewer tokens")
+
+
 def export(run: str, layer: int, n_tokens: int, out: str, seed: int) -> int:
     out_path = Path(out)
     if out_path.suffix != ".npz":
         raise UserError(f"--out must name a .npz file, got {out}")
+    check_output_file(out_path, "--out")
+    if n_tokens < 1:
+        raise UserError(f"--tokens must be >= 1, got {n_tokens}")
+    check_size(run, n_tokens)
     w1, w2, x = layer_arrays(run, layer=layer, n_tokens=n_tokens, seed=seed)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out_path, w1=w1, w2=w2, x=x)
+    tmp = out_path.with_name(f".{out_path.name}.tmp.npz")
+    try:  # temp file + rename: an interrupted or full-disk write never leaves a truncated .npz
+        np.savez(tmp, w1=w1, w2=w2, x=x)
+        os.replace(tmp, out_path)
+    except OSError as e:
+        raise UserError(f"cannot write {out_path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"wrote {out_path}: w1 {w1.shape}, w2 {w2.shape}, x {x.shape} (block {layer} of {run})")
     return 0
 

@@ -19,6 +19,7 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from mgr.artifacts import atomic_write_text
 from mgr.errors import UserError
 from nanochat.data import DataSpec, iter_texts, resolve_data
 from nanochat.data.download import first_line
@@ -27,6 +28,9 @@ from nanochat.data.sources import build_source
 BOS = "<|bos|>"
 SPECIAL_TOKENS = (BOS,)
 TOKENIZER_FILE = "tokenizer.json"
+GPT2_FILES = ("vocab.json", "merges.txt")  # GPT-2's own byte-level BPE, e.g. for nanoGPT's train.bin
+GPT2_EOT = "<|endoftext|>"  # GPT-2 separates documents with it: it plays the part of <|bos|>
+MAX_VOCAB = 2**20
 
 
 def bits_per_byte(loss_sum_nats, n_bytes):
@@ -65,9 +69,11 @@ class BpeTokenizer:
         self.vocab_size = hf.get_vocab_size()
         bos_id = hf.token_to_id(BOS)
         if bos_id is None:
+            bos_id = hf.token_to_id(GPT2_EOT)
+        if bos_id is None:
             raise UserError(f"tokenizer {name} has no {BOS} token; train it with `python -m nanochat.tokenizer train`")
         self.bos_id = bos_id
-        special = {hf.token_to_id(t) for t in SPECIAL_TOKENS}
+        special = {hf.token_to_id(t) for t in (*SPECIAL_TOKENS, GPT2_EOT)} - {None}
         # the byte-level alphabet spells every byte as one character, so a token's length is its byte count
         self.token_bytes = np.array([0 if i in special else len(hf.id_to_token(i)) for i in range(self.vocab_size)],
                                     np.int32)
@@ -88,7 +94,7 @@ class BpeTokenizer:
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.hf.save(str(directory / TOKENIZER_FILE))
+        atomic_write_text(directory / TOKENIZER_FILE, self.hf.to_str())  # never half a tokenizer after a crash
         return directory
 
     def encode(self, text: str) -> list[int]:
@@ -101,23 +107,40 @@ class BpeTokenizer:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+def _gpt2(directory: Path) -> HFTokenizer:
+    """GPT-2's tokenizer from its vocab.json + merges.txt, offline (the encoder nanoGPT's prepare.py uses)."""
+    vocab, merges = (str(directory / f) for f in GPT2_FILES)
+    hf = HFTokenizer(models.BPE.from_file(vocab, merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    if hf.token_to_id(GPT2_EOT) is not None:
+        hf.add_special_tokens([GPT2_EOT])
+    return hf
+
+
 def load_tokenizer(name: str) -> ByteTokenizer | BpeTokenizer:
-    """"byte", or a directory written by `python -m nanochat.tokenizer train` (or its tokenizer.json)."""
+    """"byte", a directory written by `python -m nanochat.tokenizer train` (or its tokenizer.json), or a directory
+    holding GPT-2's vocab.json and merges.txt."""
     if name == "byte":
         return ByteTokenizer()
     path = Path(name).expanduser()
     file = path / TOKENIZER_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise UserError(f"tokenizer {name!r} not found: pass 'byte' or a directory made by "
-                        "`python -m nanochat.tokenizer train`")
+    gpt2 = path.is_dir() and not file.is_file() and all((path / f).is_file() for f in GPT2_FILES)
+    if not file.is_file() and not gpt2:
+        raise UserError(f"tokenizer {name!r} not found: pass 'byte', a directory made by "
+                        f"`python -m nanochat.tokenizer train`, or one with GPT-2's {' + '.join(GPT2_FILES)}")
     try:
-        hf = HFTokenizer.from_file(str(file))
+        hf = _gpt2(path) if gpt2 else HFTokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
-        raise UserError(f"cannot load tokenizer {file}: {first_line(e)}") from None
+        raise UserError(f"cannot load tokenizer {path if gpt2 else file}: {first_line(e)}") from None
     return BpeTokenizer(hf, str(path))
 
 
 def _train_command(args: argparse.Namespace) -> None:
+    if not 256 + len(SPECIAL_TOKENS) <= args.vocab_size <= MAX_VOCAB:
+        raise UserError(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + special tokens) and at "
+                        f"most {MAX_VOCAB} (2^20), got {args.vocab_size}")
+    out = _check_out(args)
     kind, target = resolve_data(DataSpec(data=args.data, data_format=args.data_format))
     if kind == "bin":
         raise UserError("cannot train a tokenizer on pre-tokenised .bin data; pass text or parquet files")
@@ -132,11 +155,31 @@ def _train_command(args: argparse.Namespace) -> None:
             yield text
 
     tokenizer = BpeTokenizer.train(capped(iter_texts(source, "train")), args.vocab_size)
-    tokenizer.save(args.out)
+    tokenizer.save(out)
     sample = "\n\n".join(itertools.islice(iter_texts(source, "val"), 200))
     ratio = len(sample.encode()) / max(len(tokenizer.encode(sample)), 1)
-    print(f"trained BPE tokenizer with vocab {tokenizer.vocab_size} on {source.describe()}; "
-          f"{ratio:.2f} bytes/token on val text; saved to {args.out}")
+    short = (f" (asked for {args.vocab_size}: the text has no more merges to learn)"
+             if tokenizer.vocab_size < args.vocab_size else "")
+    print(f"trained BPE tokenizer with vocab {tokenizer.vocab_size}{short} on {source.describe()}; "
+          f"{ratio:.2f} bytes/token on val text; saved to {out}")
+    for note in getattr(source, "notes", []):
+        print(f"note: {note}")
+
+
+def _check_out(args: argparse.Namespace) -> Path:
+    """--out is a directory for tokenizer.json; an existing tokenizer is kept unless --force: runs trained with it
+    could no longer resume or export once it changed."""
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; name a directory for {TOKENIZER_FILE}")
+    if (out / TOKENIZER_FILE).exists() and not args.force:
+        raise UserError(f"--out {out} already holds a {TOKENIZER_FILE}; runs trained with it need it unchanged: "
+                        "choose another directory or pass --force to replace it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent is a file, or not writable
+        raise UserError(f"--out {out}: cannot create the directory ({e.strerror or e.__class__.__name__})") from None
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -152,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="tokens including the 256 bytes and <|bos|> (default: 4096)")
     train.add_argument("--max-chars", type=int, default=100_000_000, help="stop reading text after this many chars")
     train.add_argument("--out", required=True, help="directory to write tokenizer.json to")
+    train.add_argument("--force", action="store_true", help="replace a tokenizer.json already in --out")
 
     def parse_and_train(argv):
         args = parser.parse_args(argv)

@@ -289,7 +289,7 @@ def test_outlier_channels_and_bad_specs():
     x = S.correlated_activations(np.random.default_rng(0), 2000, 32, S.InputSpec(outlier_channels=3, outlier_scale=20))
     std = x.std(axis=0)
     assert (std > 8 * np.median(std)).sum() == 3
-    for bad in (S.InputSpec(weight_decay="linear"), S.InputSpec(heavy_tail_df=2.0), S.InputSpec(outlier_channels=99),
+    for bad in (S.InputSpec(sv_decay="linear"), S.InputSpec(heavy_tail_df=2.0), S.InputSpec(outlier_channels=99),
                 S.InputSpec(tokens_val=0)):
         with pytest.raises(UserError):
             S.make_linear_problem(0, 32, 16, bad)

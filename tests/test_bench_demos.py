@@ -174,9 +174,38 @@ def test_low_rank_recovery_steps_is_the_default_budget(tmp_path):
     ("low-rank-recovery", ["--steps", "0"], "--steps must be >= 1"),
     ("low-rank-recovery", ["--inits", "random"], "inits must be"),
     ("low-rank-recovery", ["--batch-size", "0"], "batch_size and expansion must be >= 1"),
-    ("data-aware-low-rank", ["--damping", "-1"], "damping must be >= 0"),
+    ("data-aware-low-rank", ["--damping", "-1"], "--damping must be a finite number >= 0"),
+    ("data-aware-low-rank", ["--damping", "inf"], "--damping must be a finite number >= 0"),
     ("matrix-approx", ["--from-checkpoint", "missing.npz"], "checkpoint not found"),
+    ("matrix-approx", ["--weight-alpha", "nan"], "--weight-alpha must be a finite number >= 0, got nan"),
+    ("low-rank-recovery", ["--lr", "nan"], "lr a finite number > 0"),
+    ("matrix-approx", ["--iters", "0"], "--iters must be >= 1"),
 ])
 def test_bad_options_are_one_error_line(tmp_path, capsys, demo, flags, says):
     assert main(["run", demo, "--artifacts-dir", str(tmp_path), "--run-id", "bad", *TINY, *flags]) == 2
     assert says in one_error_line(capsys)
+    if says != "2:4 needs":  # needs the layer's size, known once the run has built it
+        assert not (tmp_path / "benches").exists()
+
+
+def test_a_truncated_layer_file_is_one_error_line_before_the_run(tmp_path, capsys):
+    import numpy as np
+    np.savez(tmp_path / "layer.npz", w1=np.ones((8, 32), np.float32), w2=np.ones((32, 8), np.float32),
+             x=np.ones((64, 8), np.float32))
+    data = (tmp_path / "layer.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    assert main(["run", "data-aware-low-rank", "--artifacts-dir", str(tmp_path), "--from-checkpoint",
+                 str(tmp_path / "cut.npz")]) == 2
+    assert "unreadable layer file" in one_error_line(capsys)
+    assert not (tmp_path / "benches").exists()
+
+
+def test_earlier_bench_command_lines_run_unchanged(tmp_path, capsys):
+    out = tmp_path / "results" / "matrix_approx_20251218_120000.json"
+    argv = ["run", "matrix-approx", "--device", "auto", "--dtype", "float32", "--tokens", "64", "--dmodel", "16",
+            "--rank-fracs", "1.0,0.5,0.25", "--iters", "2", "--warmup", "1", "--json-out", str(out),
+            "--artifacts-dir", str(tmp_path), "--tokens-train", "64", "--tokens-val", "32", "--tokens-bench", "32",
+            "--sv-decay", "exp"]
+    assert main(argv) == 0
+    s = read_json(out)
+    assert s["status"] == "completed" and s["results"]["projection"]["bench_tokens"] == 32

@@ -2,9 +2,11 @@
 text documents, a parquet row group, a freshly sampled batch of synthetic documents), addressable by index so that a
 loader position is a few ints. Sources of text implement texts(split, unit); BinSource (tokenfiles.py) serves rows.
 
-Text files: every file is split on blank lines; each non-empty paragraph is a document (a file without blank lines is
-one document). All text is read into memory at open: use parquet for big corpora, which is streamed a row group at a
-time.
+Text files: every file is split on blank lines; each non-empty paragraph is a document. A file without blank lines
+(one long document would leave the content-hashed val split empty) is cut at line ends into documents of about
+DOC_CHARS characters, and the source says so in `notes`, as it does for bytes that are not UTF-8 (replaced by U+FFFD;
+a file that is mostly such bytes is refused as binary). All text is read into memory at open: use parquet for big
+corpora, which is streamed a row group at a time.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from nanochat.data.synthetic import SyntheticConfig, SyntheticLanguage
 from nanochat.data.tokenfiles import BinSource
 
 DOCS_PER_UNIT = 1024
+DOC_CHARS = 2048  # documents cut from a text file without blank lines
+BINARY_FRACTION = 0.1  # undecodable share above which a "text" file is taken for binary
 _VAL_STREAM = 2**63 + 1  # any fixed seed works: the content split keeps val documents out of train
 _BLANK_LINES = re.compile(r"\n\s*\n")
 
@@ -33,18 +37,57 @@ def split_paragraphs(text: str) -> list[str]:
     return [p.strip() for p in _BLANK_LINES.split(text) if p.strip()]
 
 
+def split_lines(text: str, max_chars: int = DOC_CHARS) -> list[str]:
+    """Consecutive lines joined into documents of at most max_chars (a longer line is cut into pieces)."""
+    docs, current = [], ""
+    for line in text.splitlines():
+        while len(line) > max_chars:
+            docs.append(line[:max_chars])
+            line = line[max_chars:]
+        if current and len(current) + 1 + len(line) > max_chars:
+            docs.append(current)
+            current = ""
+        current = f"{current}\n{line}" if current else line
+    docs.append(current)
+    return [d.strip() for d in docs if d.strip()]
+
+
+def read_text(path: Path, notes: list[str]) -> str:
+    """The file as text; undecodable bytes become U+FFFD and are counted in `notes`; binary files are refused."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read text file {path}: {e.strerror or e}") from None
+    binary = f"{path} does not look like text ({{}}); token files need the .bin extension or --data-format bin"
+    if b"\0" in data:
+        raise UserError(binary.format(f"it holds {data.count(0)} NUL bytes"))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd")
+    if bad > BINARY_FRACTION * max(len(text), 1):
+        raise UserError(binary.format(f"{bad} of its {len(data)} bytes are not UTF-8"))
+    notes.append(f"{path}: replaced {bad} byte sequence(s) that are not UTF-8 by U+FFFD")
+    return text
+
+
 class TextSource:
     entropy_rate = None
 
     def __init__(self, files: list[Path], docs_per_unit: int = DOCS_PER_UNIT):
         self.files = files
         self.docs_per_unit = docs_per_unit
+        self.notes: list[str] = []
         docs = []
         for f in files:
-            try:
-                docs += split_paragraphs(f.read_text(encoding="utf-8", errors="replace"))
-            except OSError as e:
-                raise UserError(f"cannot read text file {f}: {e.strerror or e}") from None
+            text = read_text(f, self.notes)
+            paragraphs = split_paragraphs(text)
+            if len(paragraphs) == 1 and len(paragraphs[0]) > DOC_CHARS:
+                paragraphs = split_lines(paragraphs[0])
+                self.notes.append(f"{f} has no blank lines: cut at line ends into {len(paragraphs)} documents of "
+                                  f"up to {DOC_CHARS} characters (one document would leave no val split)")
+            docs += paragraphs
         if not docs:
             raise UserError(f"empty corpus: no text in {len(files)} file(s) ({files[0]}...)")
         self.docs = {split: [d for d in docs if in_split(d, split)] for split in SPLITS}
