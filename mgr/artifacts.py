@@ -85,6 +85,39 @@ def read_json(path: Path) -> Any:
         raise UserError(f"{path} is not valid JSON ({e.__class__.__name__})") from None
 
 
+def read_summary(path: str | os.PathLike) -> dict:
+    """A run's summary from its directory or its summary.json; one line for anything that is not one."""
+    path = Path(path)
+    file = path / "summary.json" if path.is_dir() or not path.exists() else path
+    if path.is_file() and path.name != "summary.json":
+        raise UserError(f"{path} is a file, not a run directory (or its summary.json)")
+    summary = read_json(file)
+    problem = _summary_problem(summary)
+    if problem:
+        raise UserError(f"{file} is not a run summary: {problem}")
+    return summary
+
+
+def _summary_problem(summary: Any) -> str | None:
+    if not isinstance(summary, dict):
+        return f"expected a JSON object, got {type(summary).__name__}"
+    if summary.get("schema_version") != SCHEMA_VERSION:
+        return f"schema_version {summary.get('schema_version')!r}, expected {SCHEMA_VERSION!r}"
+    if not isinstance(summary.get("results"), dict):
+        return f"'results' should be an object, got {type(summary.get('results')).__name__}"
+    for key, kind in (("status", str), ("error", str), ("meta", dict), ("budget", dict), ("run_dir", str)):
+        if summary.get(key) is not None and not isinstance(summary[key], kind):
+            return f"{key!r} should be a {kind.__name__}, got {type(summary[key]).__name__}"
+    tables = summary["results"].get("tables", [])
+    if not isinstance(tables, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("columns"), list) and isinstance(t.get("rows"), list)
+            and all(isinstance(r, list) for r in t["rows"]) for t in tables):
+        return "results.tables should be a list of {title, columns, rows} tables"
+    if not isinstance(summary["results"].get("train", {}), dict):
+        return "results.train should be an object"
+    return None
+
+
 class RunWriter:
     """Owns one run directory; creating it fails if it exists."""
 

@@ -164,9 +164,14 @@ def _list() -> int:
 
 
 def _show(run_dir: str) -> int:
-    from mgr.artifacts import read_json
+    from mgr.artifacts import read_summary
     from mgr.launcher import print_summary
-    print_summary(read_json(Path(run_dir) / "summary.json"), Console())
+    summary = read_summary(run_dir)
+    try:
+        print_summary(summary, Console())
+    except (AttributeError, TypeError, KeyError, ValueError) as e:  # a hand-edited summary of the wrong shape
+        raise UserError(f"{run_dir}: a field of the summary has the wrong type ({e.__class__.__name__}: {e})") \
+            from None
     return 0
 
 
@@ -183,7 +188,7 @@ def _dispatch(argv: list[str]) -> int:
                          add_help=False)
     run.add_argument("demo")
     show = sub.add_parser("show", help="print a run's tables again")
-    show.add_argument("run_dir")
+    show.add_argument("run_dir", help="a run directory or its summary.json")
     add_compare_flags(sub.add_parser("compare", help="compare two runs metric by metric"))
     args = parser.parse_args(argv)
     if args.command == "list":

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 from typing import Any, Iterator
 
 from rich.console import Console
 from rich.table import Table as RichTable
 
-from mgr.artifacts import read_json
+from mgr.artifacts import read_summary
 from mgr.results import fmt
 
 # (category, direction) by key suffix: +1 means higher is better, -1 lower is better.
@@ -67,7 +66,7 @@ def classify(key: str) -> tuple[str, int] | None:
 
 
 def _load(run_dir: str) -> dict:
-    return read_json(Path(run_dir) / "summary.json")
+    return read_summary(run_dir)
 
 
 def compare_runs(args: argparse.Namespace, console: Console) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import os
 import shutil
+import socket
 import tempfile
 import time
 import urllib.error
@@ -19,6 +20,7 @@ from mgr.errors import UserError
 
 DEFAULT_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 DEFAULT_DATA_DIR = "~/.cache/nanochat/base_data"
+OFFLINE_HINT = "pass --data FILE (a local text, parquet or .bin file) instead of downloading shards"
 
 
 def shard_name(index: int) -> str:
@@ -56,8 +58,12 @@ def _fetch(url: str, dest: Path, timeout: float) -> None:
         if e.code in (408, 429) or e.code >= 500:
             raise _Transient(f"HTTP {e.code} {e.reason}") from None
         raise UserError(f"could not download {url}: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # OSError covers timeouts and resets
-        raise _Transient(str(getattr(e, "reason", e)) or type(e).__name__) from None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, (socket.gaierror, ConnectionRefusedError)):  # offline or no server: retrying won't help
+            raise UserError(f"cannot reach {url} ({e.reason}); offline? {OFFLINE_HINT}") from None
+        raise _Transient(str(e.reason) or type(e).__name__) from None
+    except (http.client.HTTPException, OSError) as e:  # OSError covers timeouts and resets
+        raise _Transient(str(e) or type(e).__name__) from None
 
 
 def _download_one(url: str, final: Path, retries: int, backoff: float, timeout: float) -> bool:
@@ -79,7 +85,7 @@ def _download_one(url: str, final: Path, retries: int, backoff: float, timeout: 
             except _Transient as e:
                 last_error = e
         else:
-            raise UserError(f"could not download {url} after {retries + 1} attempts: {last_error}")
+            raise UserError(f"could not download {url} after {retries + 1} attempts: {last_error}; {OFFLINE_HINT}")
         problem = parquet_problem(tmp)
         if problem is not None:
             raise UserError(f"downloaded shard {final.name} from {url} is corrupt: {problem}")
