@@ -14,7 +14,7 @@ import scipy.stats
 from demos import matrix_gauge as mg
 from mgr.cli import main
 from mgr.errors import UserError
-from tests.conftest import one_error_line
+from tests.conftest import one_error_line, read_json
 
 OFFSETS = (1, 2, 4)
 markov_mix = jax.jit(mg.markov_mix, static_argnums=(3, 4, 5))  # eager op-by-op dispatch is the slow part here
@@ -275,9 +275,27 @@ def test_both_mixers_solve_the_task():
         assert result["eval_acc"] > 0.95, (mixer, result)
 
 
-@pytest.mark.parametrize("flags, message", [(("--d-model", "7"), "d_model=7"), (("--seeds", "1,1"), "distinct"),
-                                            (("--seeds", "3,2147483648"), "seeds must lie")])
+@pytest.mark.parametrize("flags, message", [
+    (("--d-model", "7"), "d_model=7"), (("--seeds", "1,1"), "distinct"),
+    (("--seeds", "3,4294967296"), "seeds must lie"),
+    (("--n-heads", "0"), "--n-heads must be >= 1, got 0"), (("--n-groups", "0"), "--n-groups must be >= 1, got 0"),
+    (("--d-model", "0"), "--d-model must be >= 1, got 0"), (("--d-model", "-2"), "--d-model must be >= 1, got -2"),
+    (("--rate-max", "nan"), "must be finite"), (("--lr", "inf"), "must be finite"),
+])
 def test_bad_flags_are_one_error_line(tmp_path, capsys, flags, message):
     code = main(["run", "matrix-gauge", *flags, "--max-iterations", "1", "--artifacts-dir", str(tmp_path)])
     assert code == 2
     assert message in one_error_line(capsys)
+    assert not (tmp_path / "demos").exists()  # checked before the run directory is made
+
+
+def test_a_budget_spent_before_the_first_step_reports_cleanly_and_says_it_is_a_smoke_test(tmp_path, capsys):
+    code = main(["run", "matrix-gauge", "--time-budget", "1e-9", "--eval-every", "0", "--seq-len", "8",
+                 "--d-model", "8", "--mlp-hidden", "8", "--eval-batches", "1", "--artifacts-dir", str(tmp_path),
+                 "--run-id", "zero"])
+    assert code == 0
+    s = read_json(tmp_path / "demos" / "matrix_gauge" / "zero" / "summary.json")
+    assert s["status"] == "completed" and s["budget"]["steps"] == 0
+    assert s["results"]["notes"][0].startswith("not learned yet: after 0 steps the best eval accuracy is")
+    out = capsys.readouterr().out
+    assert "0 steps is a smoke test" in out and "within 2000 steps" in out
