@@ -159,7 +159,8 @@ def _list() -> int:
     from demos import REGISTRY, load
     console = Console()
     for name in REGISTRY:
-        console.print(f"[bold]{name:<26}[/bold] {load(name).description}", highlight=False)
+        # soft_wrap: piped, each demo stays one line whatever the width
+        console.print(f"[bold]{name:<26}[/bold] {load(name).description}", highlight=False, soft_wrap=True)
     return 0
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table as RichTable
 
 from mgr.artifacts import SCHEMA_VERSION, RunWriter, atomic_write_json, check_output_file
@@ -166,17 +167,25 @@ def render_markdown(summary: dict) -> str:
 
 
 def print_summary(summary: dict, console: Console) -> None:
+    """Header, tables and notes. No cell is ever wrapped: a terminal wide enough gets a rich table, a file or a
+    pipe plain aligned columns at full width, a narrow terminal one `column: value` line per cell."""
     for key, value in _header_lines(summary):
-        console.print(f"[bold]{key:>8}[/bold]  {value}", highlight=False, markup=True, soft_wrap=True)
+        console.print(f"[bold]{key:>8}[/bold]  {escape(str(value))}", highlight=False, soft_wrap=True)
     for table in summary_tables(summary):
-        rich_table = RichTable(title=table.title, title_justify="left", box=box.SIMPLE_HEAD)
-        for col in table.columns:
-            rich_table.add_column(str(col), overflow="fold")
-        for row in table.rows:
-            rich_table.add_row(*(fmt(c) for c in row))
-        console.print(rich_table)
-        if table.note:
-            console.print(table.note, highlight=False)
+        # rich's table adds two columns of padding per cell and a margin
+        if console.is_terminal and table.width() + 2 * len(table.columns) <= console.width:
+            rich_table = RichTable(title=table.title, title_justify="left", box=box.SIMPLE_HEAD)
+            header, rows = table.cells()
+            for col in header:
+                rich_table.add_column(col, no_wrap=True)
+            for row in rows:
+                rich_table.add_row(*row)
+            console.print(rich_table)
+            if table.note:
+                console.print(table.note, highlight=False, markup=False)
+        else:
+            text = table.plain() if not console.is_terminal else table.records()
+            console.print("\n" + text, highlight=False, markup=False, soft_wrap=True, end="")
     for note in summary.get("results", {}).get("notes", []):
-        console.print(f"• {note}", highlight=False)
+        console.print(f"• {note}", highlight=False, markup=False, soft_wrap=not console.is_terminal)
 

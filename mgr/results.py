@@ -24,6 +24,32 @@ class Table:
     def from_dict(cls, d: dict[str, Any]) -> "Table":
         return cls(d["title"], d["columns"], d["rows"], d.get("note", ""))
 
+    def cells(self) -> tuple[list[str], list[list[str]]]:
+        """Header and rows as the strings every rendering shows (one number format: fmt)."""
+        return [str(c) for c in self.columns], [[fmt(c) for c in row] for row in self.rows]
+
+    def plain(self) -> str:
+        """Aligned columns at full width: for a file, a pipe or run logs, where nothing may wrap inside a cell."""
+        header, rows = self.cells()
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+        out = [self.title, line(header), line(["-" * w for w in widths]), *map(line, rows)]
+        return "\n".join(out + ([self.note] if self.note else [])) + "\n"
+
+    def records(self) -> str:
+        """One row per block, one `column: value` per line: for a terminal too narrow for the table."""
+        header, rows = self.cells()
+        out = [self.title]
+        for row in rows:
+            out.append(f"- {header[0]}: {row[0]}")
+            out += [f"    {h}: {c}" for h, c in zip(header[1:], row[1:])]
+        return "\n".join(out + ([self.note] if self.note else [])) + "\n"
+
+    def width(self) -> int:
+        """Characters a line of plain() takes."""
+        header, rows = self.cells()
+        return sum(max(len(r[i]) for r in [header, *rows]) for i in range(len(header))) + 2 * (len(header) - 1)
+
     def markdown(self) -> str:
         lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |",
                  "|" + "---|" * len(self.columns)]
@@ -46,8 +72,8 @@ def fmt(value: Any) -> str:
         return "—"
     if isinstance(value, (bool, np.bool_)):
         return str(bool(value))
-    if isinstance(value, (int, np.integer)):
-        return f"{int(value):,}" if abs(int(value)) < 10**7 else f"{float(value):.3e}"
+    if isinstance(value, (int, np.integer)):  # no thousands separators: 2521 reads the same as a float's 2521
+        return str(int(value)) if abs(int(value)) < 10**7 else f"{float(value):.3e}"
     if isinstance(value, (float, np.floating)):
         v = float(value)
         if not math.isfinite(v):
