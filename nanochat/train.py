@@ -29,6 +29,7 @@ from mgr.results import Results, Table
 from nanochat.checkpoint import Checkpointer, read_meta, restore_arrays
 from nanochat.attention import check_implementation
 from nanochat.data import DataSpec, open_source, resolve_data
+from nanochat.data.sources import build_source
 from nanochat.data.loader import Loader
 from nanochat.model import GPT, GPTConfig, estimate_flops, generate, loss_fn
 from nanochat.tokenizer import bits_per_byte, load_tokenizer
@@ -248,7 +249,9 @@ def check_config(config: Config, budget=None) -> None:
             raise UserError(f"{_flag(name)} must be a finite number >= 0, got {getattr(config, name)}")
     check_implementation(config.attention_type)
     tokenizer = load_tokenizer(config.tokenizer)
-    kind, _ = resolve_data(data_spec(config))
+    kind, target = resolve_data(data_spec(config))
+    if kind == "bin":  # memory-mapped: reading the ids' range costs one pass, and saves a doomed run
+        check_token_ids(build_source(kind, target, seed=0, row_len=config.sequence_len + 1), tokenizer, config)
     if config.resume:
         _, step, meta = read_meta(config.resume)
         _check_resumable(config, meta, step, budget)
