@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
@@ -120,9 +121,16 @@ def check_config(config: Config) -> Config:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     if config.static_depth is not None and not 1 <= config.static_depth <= config.depth:
         raise UserError(f"--static-depth must be in [1, {config.depth}], got {config.static_depth}")
-    if not config.lr > 0:
-        raise UserError(f"--lr must be positive, got {config.lr}")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise UserError(f"--lr must be a positive finite number, got {config.lr}")
+    if config.model == "nanochat":
+        nanochat.check_config(nanochat_config(config))
     return config
+
+
+def check(config: Config, budget) -> None:
+    """Demo.check: the launcher refuses bad options before making the run directory."""
+    check_config(config)
 
 
 # --- models: one step per active depth, eval, data, analytic FLOPs ----------------------------------------------
@@ -463,4 +471,5 @@ def _plots(ctx, L: int, runs: dict, drivers: dict) -> None:
 
 DEMO = Demo(name="block-update-schedule",
             description="full vs static vs dynamic suffix freezing under one budget: real FLOPs and time saved",
-            config=Config, run=run, kind="demos", topic="block_update_schedule", default_max_iterations=60)
+            config=Config, run=run, check=check, kind="demos", topic="block_update_schedule",
+            default_max_iterations=60)
