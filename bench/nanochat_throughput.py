@@ -18,7 +18,7 @@ from rich.console import Console
 from mgr.budget import Budget
 from mgr.demo import Demo
 from mgr.errors import UserError
-from mgr.launcher import EXIT_INTERRUPTED, EXIT_TERMINATED, launch
+from mgr.launcher import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, launch
 from mgr.plots import plot_curves
 from mgr.results import Results, Table, fmt
 from nanochat import train as nanochat
@@ -39,10 +39,11 @@ class Config:
 
 
 def nanochat_config(config: Config, depth: int) -> nanochat.Config:
-    # One eval batch and a short sample at the end only: both are excluded from step times, so keep them cheap.
+    # One eval batch and a short sample at the end only, and no checkpoint: a throughput run is not resumed.
     return nanochat.Config(depth=depth, sequence_len=config.sequence_len, batch_size=config.batch_size,
                            dtype=config.dtype, attention_type=config.attention_type, scan_layers=config.scan_layers,
-                           eval_every=0, eval_tokens=config.batch_size * config.sequence_len, sample_tokens=16)
+                           eval_every=0, eval_tokens=config.batch_size * config.sequence_len, sample_tokens=16,
+                           checkpoint=False)
 
 
 def command(nc: nanochat.Config, budget: Budget, seed: int) -> list[str]:
@@ -62,7 +63,9 @@ def train_depth(config: Config, depth: int, ctx) -> dict:
     code, summary = launch(nanochat.DEMO, nc, budget=ctx.budget, seed=ctx.seed, artifacts_dir=str(ctx.run_dir),
                            run_id=f"d{depth}", kind="runs", topic="nanochat", argv=command(nc, ctx.budget, ctx.seed),
                            console=Console(quiet=True))
-    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+    if code == EXIT_TERMINATED:
+        raise Terminated(f"depth {depth} terminated")
+    if code == EXIT_INTERRUPTED:
         raise KeyboardInterrupt(f"depth {depth} interrupted")
     return summary
 
