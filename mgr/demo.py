@@ -19,6 +19,8 @@ class Demo:
     # Steps per training run when the user gives no budget at all: a number, or a function of the config for a
     # demo with its own steps option (budget flags still replace it).
     default_max_iterations: int | Callable[[Any], int] = 100
+    # The eval metric (lower is better) that --target-loss and time to quality are measured on.
+    quality_metric: str = "val_loss"
 
     def default_iterations(self, config: Any) -> int:
         default = self.default_max_iterations

@@ -1,8 +1,16 @@
-"""Runs one demo under a budget and always leaves a summary behind, whatever happens to the run."""
+"""Runs one demo under a budget and always leaves a summary behind, whatever happens to the run.
+
+With several seeds (``--seeds``) the demo runs once per seed, one after another, in the same run directory: each
+seed's metrics and training summaries are kept (``results.per_seed``), every numeric result gets its mean, std and
+95% CI over the seeds (``results.over_seeds``), and every variant is paired by seed with the first one trained
+(``results.paired``: differences and ratios with their CIs).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import signal
+import time
 import traceback
 from typing import Any
 
@@ -17,8 +25,11 @@ from mgr.demo import Demo
 from mgr.errors import Diverged, UserError
 from mgr.meta import run_meta
 from mgr.results import Results, Table, fmt, to_jsonable
+from mgr.stats import describe, fmt_ci, paired_difference, paired_ratio
 
 EXIT_INTERRUPTED = 130
+# When mgr was first imported: the launcher start-up term of the decomposition runs from here to launch().
+_IMPORTED_AT = time.perf_counter()
 
 
 def _raise_interrupt(signum, frame):
@@ -27,19 +38,28 @@ def _raise_interrupt(signum, frame):
 
 def launch(demo: Demo, config: Any, *, budget: Budget, seed: int, artifacts_dir: str, run_id: str,
            kind: str | None = None, topic: str | None = None, argv: list[str] | None = None,
-           console: Console | None = None) -> tuple[int, dict]:
-    """Run ``demo`` and write its run directory. Returns (exit code, summary)."""
+           console: Console | None = None, seeds: tuple[int, ...] = ()) -> tuple[int, dict]:
+    """Run ``demo`` (once per seed of ``seeds`` when given, else with ``seed``) and write its run directory.
+    Returns (exit code, summary)."""
+    started = time.perf_counter()
     console = console or Console()
     budget = budget.or_default(demo.default_iterations(config))
     kind, topic = kind or demo.kind, topic or demo.default_topic
+    seeds = tuple(seeds) or (seed,)
     writer = RunWriter(artifacts_dir, kind, topic, run_id)
-    writer.write_json("config.json", {"demo": demo.name, "config": config, "seed": seed, "budget": budget.to_dict()})
-    meta = run_meta(run_id=run_id, kind=kind, topic=topic, argv=argv or [], seed=seed)
-    ctx = RunContext(seed=seed, budget=budget, writer=writer)
-    status, error, results, code = "completed", None, Results(), 0
+    writer.write_json("config.json", {"demo": demo.name, "config": config, "seed": seeds[0],
+                                      "seeds": list(seeds) if len(seeds) > 1 else None, "budget": budget.to_dict()})
+    meta = run_meta(run_id=run_id, kind=kind, topic=topic, argv=argv or [], seed=seeds[0])
+    runs: list[tuple[int, RunContext, Results]] = []
+    status, error, code = "completed", None, 0
     previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+    several = len(seeds) > 1
     try:
-        results = demo.run(config, ctx)
+        for s in seeds:
+            ctx = RunContext(seed=s, budget=budget, writer=writer, quality_metric=demo.quality_metric,
+                             plot_prefix=f"seed{s}_" if several else "", log_extra={"seed": s} if several else None)
+            runs.append((s, ctx, Results()))
+            runs[-1] = (s, ctx, demo.run(config, ctx))
     except KeyboardInterrupt:
         status, error, code = "interrupted", "interrupted by signal", EXIT_INTERRUPTED
     except Diverged as e:
@@ -52,7 +72,8 @@ def launch(demo: Demo, config: Any, *, budget: Budget, seed: int, artifacts_dir:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        summary = _summary(meta, budget, ctx, results, status, error)
+        summary = _summary(meta, budget, runs, status, error, writer,
+                           {"startup_s": started - _IMPORTED_AT, "launch_wall_s": time.perf_counter() - started})
         writer.write_json("summary.json", summary)
         writer.write_text("run.md", render_markdown(summary))
         writer.close()
@@ -60,23 +81,100 @@ def launch(demo: Demo, config: Any, *, budget: Budget, seed: int, artifacts_dir:
     return code, summary
 
 
-def _summary(meta: dict, budget: Budget, ctx: RunContext, results: Results, status: str,
-             error: str | None) -> dict:
+def _summary(meta: dict, budget: Budget, runs: list[tuple[int, RunContext, Results]], status: str,
+             error: str | None, writer: RunWriter, launcher_s: dict) -> dict:
+    plots = sorted(f"plots/{p.name}" for p in writer.plots_dir.iterdir())
+    records = {(name if len(runs) == 1 else f"seed{s}/{name}"): r
+               for s, ctx, _ in runs for name, r in ctx.budget_records.items()}
+    if len(runs) == 1:
+        _, ctx, res = runs[0]
+        results = {**res.metrics, "train": ctx.train_summaries, "tables": [t.to_dict() for t in res.tables],
+                   "notes": res.notes}
+    else:
+        per_seed = {str(s): {**res.metrics, "train": ctx.train_summaries} for s, ctx, res in runs}
+        results = {"seeds": [s for s, _, _ in runs], "per_seed": per_seed, "over_seeds": over_seeds(per_seed),
+                   "paired": paired_by_seed(per_seed),
+                   "tables": [dataclasses.replace(t, title=f"{t.title} (seed {s})").to_dict() for s, _, res in runs
+                              for t in res.tables],
+                   "notes": [f"seed {s}: {n}" for s, _, res in runs for n in res.notes]}
+    in_train = sum((t.get("decomposition") or {}).get("wall_s") or 0.0
+                   for _, ctx, _ in runs for t in ctx.train_summaries.values())
+    results["decomposition"] = {**launcher_s, "in_training_s": in_train,
+                                "outside_training_s": launcher_s["launch_wall_s"] - in_train}
+    results["plots"] = plots
     return to_jsonable({
         "schema_version": SCHEMA_VERSION,
         "status": status,
         "error": error,
         "meta": meta,
-        "budget": {**budget.to_dict(), **combine_records(ctx.budget_records), "variants": ctx.budget_records},
-        "results": {**results.metrics, "train": ctx.train_summaries,
-                    "tables": [t.to_dict() for t in results.tables], "notes": results.notes,
-                    "plots": sorted(f"plots/{p.name}" for p in ctx.writer.plots_dir.iterdir())},
-        "run_dir": str(ctx.run_dir),
+        "budget": {**budget.to_dict(), **combine_records(records), "variants": records},
+        "results": results,
+        "run_dir": str(writer.run_dir),
     })
 
 
+# Result subtrees that are presentation, estimator records or per-eval series, not results to average over seeds.
+_NOT_AVERAGED = frozenset({"tables", "notes", "plots", "flops", "eval_points", "samples_ms", "model", "n"})
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if str(k) not in _NOT_AVERAGED:
+                out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        out[prefix] = float(tree)
+    return out
+
+
+def over_seeds(per_seed: dict[str, dict]) -> dict[str, dict]:
+    """Mean, std and 95% CI over seeds of every numeric result all seeds share."""
+    leaves = [_leaves(to_jsonable(r)) for r in per_seed.values()]
+    common = set.intersection(*(set(d) for d in leaves)) if leaves else set()
+    return {k: describe([d[k] for d in leaves]) for k in sorted(common)}
+
+
+def _ttq(train: dict, field: str) -> float | None:
+    block = train.get("time_to_quality") or {}
+    return block.get(field) if block.get("reached") else None
+
+
+def paired_by_seed(per_seed: dict[str, dict]) -> dict[str, dict]:
+    """Every variant against the first one trained, paired by seed: final-loss difference, step-time speedup,
+    and time-to-quality speedups (training and wall seconds) where both reached the target."""
+    trains = [r.get("train") or {} for r in per_seed.values()]
+    names = list(trains[0]) if trains else []
+    out: dict[str, dict] = {}
+    for name in names[1:]:
+        both = [t for t in trains if names[0] in t and name in t]
+        base, var = [t[names[0]] for t in both], [t[name] for t in both]
+
+        def pairs(get):
+            ab = [(get(b), get(v)) for b, v in zip(base, var)]
+            ab = [(a, b) for a, b in ab if a is not None and b is not None]
+            return [a for a, _ in ab], [b for _, b in ab]
+
+        loss_a, loss_b = pairs(lambda t: t.get("final_loss"))
+        ms_a, ms_b = pairs(lambda t: (t.get("step_ms") or {}).get("median_ms"))
+        entry = {"baseline": names[0], "final_loss_diff": paired_difference(loss_a, loss_b),
+                 "step_time_speedup": paired_ratio(ms_a, ms_b)}
+        for field in ("train_s", "wall_s"):
+            entry[f"time_to_quality_speedup_{field}"] = paired_ratio(*pairs(lambda t: _ttq(t, field)))
+        out[name] = entry
+    return out
+
+
+def _trains(summary: dict) -> dict[str, dict]:
+    """Training summaries by row label: the variant, or seed/variant in a --seeds run."""
+    results = summary.get("results", {})
+    if "per_seed" in results:
+        return {f"{s}/{name}": t for s, r in results["per_seed"].items() for name, t in (r.get("train") or {}).items()}
+    return results.get("train") or {}
+
+
 def training_table(summary: dict) -> Table | None:
-    train = summary.get("results", {}).get("train") or {}
+    train = _trains(summary)
     if not train:
         return None
     rows = []
@@ -91,10 +189,55 @@ def training_table(summary: dict) -> Table | None:
                  note="FLOPs/step: XLA cost analysis of the compiled step, loop-corrected (mgr.flops).")
 
 
+def quality_table(summary: dict) -> Table | None:
+    """Time to quality (when a target was set) and the measured decomposition of every variant's wall time."""
+    train = _trains(summary)
+    if not train:
+        return None
+    rows, target = [], None
+    for name, t in train.items():
+        d, q = t.get("decomposition") or {}, t.get("time_to_quality") or {}
+        target = q.get("target", target)
+        o = d.get("overhead") or {}
+        eff = d.get("effective_flops_per_second")
+        rows.append([name, q.get("reached") if q else None, q.get("steps"), q.get("flops"), q.get("train_s"),
+                     q.get("wall_s"), d.get("required_flops"), None if eff is None else eff / 1e12, d.get("step_s"),
+                     o.get("compile_s"), o.get("flops_pricing_s"), o.get("eval_s"), o.get("data_s"),
+                     o.get("hooks_s"), o.get("host_sync_s"), d.get("wall_s"), d.get("residual_pct")])
+    return Table(
+        "Time to quality: required FLOPs / effective FLOP/s + pipeline overhead"
+        + (f" (target {fmt(target)})" if target is not None else " (no --target-loss)"),
+        ["variant", "reached", "steps to target", "FLOPs to target", "train s to target", "wall s to target",
+         "required FLOPs", "effective TFLOP/s", "step s", "compile s", "pricing s", "eval s", "data s", "hooks s",
+         "host sync s", "wall s", "residual %"], rows,
+        note="To target: interpolated between the first eval at or below the target and the one before (linear in "
+             "log-loss; eval cadence sets the resolution, see time_to_quality.first_eval). required FLOPs: to the "
+             "target, or all spent without one. step s: steps x median step time (synced windows less the host "
+             "time inside them); effective TFLOP/s: FLOPs per step over the median step time. wall s: this "
+             "variant's train() including compilation charged to it; residual: wall - (step s + overheads).")
+
+
+def seeds_table(summary: dict) -> Table | None:
+    """Each variant against the first over seeds: paired differences and ratios with their 95% CIs."""
+    results = summary.get("results", {})
+    paired = results.get("paired") or {}
+    if not paired:
+        return None
+    rows = [[name, p["baseline"], fmt_ci(p["final_loss_diff"]), fmt_ci(p["step_time_speedup"]),
+             fmt_ci(p["time_to_quality_speedup_train_s"]), fmt_ci(p["time_to_quality_speedup_wall_s"])]
+            for name, p in paired.items()]
+    return Table(f"Paired by seed (seeds {','.join(map(str, results.get('seeds', [])))})",
+                 ["variant", "vs", "final loss Δ", "step-time speedup", "TTQ speedup (train s)",
+                  "TTQ speedup (wall s)"], rows,
+                 note="mean [95% CI] (n seeds); Δ: variant - baseline per seed (paired t); speedups: geometric "
+                      "mean of the per-seed ratios baseline/variant (paired t on the log ratio). A CI that spans "
+                      "0 (Δ) or 1 (speedup) is no significant difference.")
+
+
 def summary_tables(summary: dict) -> list[Table]:
     tables = [Table.from_dict(t) for t in summary.get("results", {}).get("tables", [])]
-    train = training_table(summary)
-    return ([train] if train else []) + tables
+    train = [t for t in (training_table(summary), quality_table(summary), seeds_table(summary)) if t]
+    return train + tables
 
 
 def _budget_line(budget: dict) -> str:
