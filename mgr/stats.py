@@ -148,7 +148,7 @@ def paired_ratio(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
 
 
 def _excludes(ci: list[float] | None, value: float) -> bool:
-    return ci is not None and (ci[0] > value or ci[1] < value)
+    return bool(ci is not None and (ci[0] > value or ci[1] < value))
 
 
 def fmt_ci(stat: dict[str, Any], digits: int = 4, pct: bool = False) -> str:
