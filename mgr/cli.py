@@ -1,4 +1,4 @@
-"""The `mgr` command: list demos, run one under a budget, show a run, compare two runs."""
+"""The `mgr` command: list demos, run one under a budget, show a run, compare two runs, sweep a grid, report it."""
 
 from __future__ import annotations
 
@@ -193,6 +193,8 @@ def _dispatch(argv: list[str]) -> int:
             raise UserError("usage: mgr run <demo> [options]; `mgr list` shows the demos")
         return run_demo(argv[1], argv[2:], command=["mgr", *argv])
     from mgr.compare import add_compare_flags, compare_runs
+    from mgr.report import add_report_flags, report_command
+    from mgr.sweep import add_sweep_flags, sweep_command
     parser = OneLineParser(prog="mgr", description="Time-to-quality research harness.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     sub.add_parser("list", help="list demos")
@@ -202,13 +204,22 @@ def _dispatch(argv: list[str]) -> int:
     show = sub.add_parser("show", help="print a run's tables again")
     show.add_argument("run_dir")
     add_compare_flags(sub.add_parser("compare", help="compare two runs metric by metric"))
-    args = parser.parse_args(argv)
+    add_sweep_flags(sub.add_parser("sweep", allow_abbrev=False, help="run a grid/list of configurations of a demo (resumable, "
+                                                 "shardable); unknown flags are the demo's, shared by all"))
+    add_report_flags(sub.add_parser("report", help="write README.md and plots for a sweep directory"))
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "sweep":
+        raise UserError(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "list":
         return _list()
     if args.command == "show":
         return _show(args.run_dir)
     if args.command == "compare":
         return compare_runs(args, Console())
+    if args.command == "sweep":
+        return sweep_command(args, extra)
+    if args.command == "report":
+        return report_command(args)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 

@@ -110,6 +110,10 @@ class _Executable:
     claimed: bool = False  # its time is charged to the first variant that trains with it
 
 
+class PlanOnly(Exception):
+    """Raised by ``train`` in a context that only plans (``plan_only``): the budget is resolved, nothing trains."""
+
+
 class RunContext:
     def __init__(self, *, seed: int, budget: Budget, writer: RunWriter, console: Console | None = None,
                  quality_metric: str = "val_loss", plot_prefix: str = "", log_extra: dict | None = None):
@@ -130,6 +134,7 @@ class RunContext:
         # A seed of a --seeds run: its plots get their own names, its metrics.jsonl records name the seed.
         self.plot_prefix = plot_prefix
         self.log_extra = log_extra or {}
+        self.plan_only = False  # `mgr sweep --dry-run`: train() stops once the budget is resolved
 
     @property
     def run_dir(self) -> Path:
@@ -214,6 +219,8 @@ class RunContext:
         for _ in range(start_step):
             tracker.charge(first_record.flops)
         self.budget_records[name] = tracker.record()
+        if self.plan_only:
+            raise PlanOnly(name)
 
         losses: list = []
         evals: list[tuple[int, dict]] = []
