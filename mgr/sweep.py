@@ -241,11 +241,12 @@ def plan_config(demo, config, budget, seed: int) -> dict:
 
 
 def run_sweep(sweep: Sweep, artifacts_dir: str, shard: tuple[int, int] = (0, 1), dry_run: bool = False,
-              out=sys.stdout) -> int:
+              out=None) -> int:
     from mgr.cli import parse_demo_args, select_device
     from mgr.launcher import launch
     from mgr.results import fmt
 
+    out = out or sys.stdout
     parsed = {}
     for c in sweep.configs:  # every configuration checked before anything runs
         try:
