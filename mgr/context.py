@@ -140,6 +140,16 @@ class RunContext:
     def run_dir(self) -> Path:
         return self.writer.run_dir
 
+    @property
+    def seed_dir(self) -> Path:
+        """Where this seed keeps its own files (checkpoints): the run directory, or run_dir/seed<k> in a --seeds
+        run, so seeds never write over each other."""
+        if not self.plot_prefix:
+            return self.run_dir
+        path = self.run_dir / self.plot_prefix.rstrip("_")
+        path.mkdir(exist_ok=True)
+        return path
+
     def plot_path(self, name: str) -> Path:
         return self.writer.plot_path(self.plot_prefix + name)
 

@@ -189,32 +189,40 @@ def training_table(summary: dict) -> Table | None:
                  note="FLOPs/step: XLA cost analysis of the compiled step, loop-corrected (mgr.flops).")
 
 
-def quality_table(summary: dict) -> Table | None:
+def quality_tables(summary: dict) -> list[Table]:
     """Time to quality (when a target was set) and the measured decomposition of every variant's wall time."""
     train = _trains(summary)
-    if not train:
-        return None
-    rows, target = [], None
+    ttq_rows, rows, target = [], [], None
     for name, t in train.items():
-        d, q = t.get("decomposition") or {}, t.get("time_to_quality") or {}
-        target = q.get("target", target)
-        o = d.get("overhead") or {}
-        eff = d.get("effective_flops_per_second")
-        rows.append([name, q.get("reached") if q else None, q.get("steps"), q.get("flops"), q.get("train_s"),
-                     q.get("wall_s"), d.get("required_flops"), None if eff is None else eff / 1e12, d.get("step_s"),
-                     o.get("compile_s"), o.get("flops_pricing_s"), o.get("eval_s"), o.get("data_s"),
-                     o.get("hooks_s"), o.get("host_sync_s"), d.get("wall_s"), d.get("residual_pct")])
-    return Table(
-        "Time to quality: required FLOPs / effective FLOP/s + pipeline overhead"
-        + (f" (target {fmt(target)})" if target is not None else " (no --target-loss)"),
-        ["variant", "reached", "steps to target", "FLOPs to target", "train s to target", "wall s to target",
-         "required FLOPs", "effective TFLOP/s", "step s", "compile s", "pricing s", "eval s", "data s", "hooks s",
-         "host sync s", "wall s", "residual %"], rows,
-        note="To target: interpolated between the first eval at or below the target and the one before (linear in "
-             "log-loss; eval cadence sets the resolution, see time_to_quality.first_eval). required FLOPs: to the "
-             "target, or all spent without one. step s: steps x median step time (synced windows less the host "
-             "time inside them); effective TFLOP/s: FLOPs per step over the median step time. wall s: this "
-             "variant's train() including compilation charged to it; residual: wall - (step s + overheads).")
+        d, q = t.get("decomposition") or {}, t.get("time_to_quality")
+        if q:
+            target = q.get("target")
+            ttq_rows.append([name, q.get("reached"), q.get("steps"), q.get("flops"), q.get("train_s"),
+                             q.get("wall_s")])
+        if d:
+            o = d.get("overhead") or {}
+            eff = d.get("effective_flops_per_second")
+            rows.append([name, d.get("wall_s"), d.get("step_s"), None if eff is None else eff / 1e12,
+                         f"{fmt(o.get('compile_s'))} ({fmt(o.get('flops_pricing_s'))})", o.get("eval_s"),
+                         o.get("data_s"), (o.get("hooks_s") or 0) + (o.get("host_sync_s") or 0),
+                         d.get("residual_pct")])
+    tables = []
+    if ttq_rows:
+        tables.append(Table(
+            f"Time to quality (target {fmt(target)})",
+            ["variant", "reached", "steps", "FLOPs", "train s", "wall s"], ttq_rows,
+            note="Interpolated between the first eval at or below the target and the one before (linear in "
+                 "log-loss); the eval cadence sets the resolution (time_to_quality.first_eval is that eval). "
+                 "train s: evals and compilation excluded; wall s: everything since the variant started."))
+    if rows:
+        tables.append(Table(
+            "Wall time = step time + pipeline overhead",
+            ["variant", "wall s", "step s", "eff. TFLOP/s", "compile s (pricing)", "eval s", "data s",
+             "hooks+sync s", "residual %"], rows,
+            note="step s: the timed steps (synced windows less the host time inside them) plus the median for "
+                 "the rest; eff. TFLOP/s: spent FLOPs over step s; data: time in batch_fn; residual: wall minus "
+                 "step time and overheads."))
+    return tables
 
 
 def seeds_table(summary: dict) -> Table | None:
@@ -236,7 +244,7 @@ def seeds_table(summary: dict) -> Table | None:
 
 def summary_tables(summary: dict) -> list[Table]:
     tables = [Table.from_dict(t) for t in summary.get("results", {}).get("tables", [])]
-    train = [t for t in (training_table(summary), quality_table(summary), seeds_table(summary)) if t]
+    train = [t for t in (training_table(summary), *quality_tables(summary), seeds_table(summary)) if t]
     return train + tables
 
 
