@@ -18,6 +18,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table as RichTable
 
+from mgr import IMPORTED_AT
 from mgr.artifacts import SCHEMA_VERSION, RunWriter
 from mgr.budget import Budget, combine_records
 from mgr.context import RunContext
@@ -28,8 +29,6 @@ from mgr.results import Results, Table, fmt, to_jsonable
 from mgr.stats import describe, fmt_ci, paired_difference, paired_ratio
 
 EXIT_INTERRUPTED = 130
-# When mgr was first imported: the launcher start-up term of the decomposition runs from here to launch().
-_IMPORTED_AT = time.perf_counter()
 
 
 def _raise_interrupt(signum, frame):
@@ -73,7 +72,7 @@ def launch(demo: Demo, config: Any, *, budget: Budget, seed: int, artifacts_dir:
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         summary = _summary(meta, budget, runs, status, error, writer,
-                           {"startup_s": started - _IMPORTED_AT, "launch_wall_s": time.perf_counter() - started})
+                           {"startup_s": started - IMPORTED_AT, "launch_wall_s": time.perf_counter() - started})
         writer.write_json("summary.json", summary)
         writer.write_text("run.md", render_markdown(summary))
         writer.close()
