@@ -164,10 +164,12 @@ def step_tables(report: Report, variants: list[str]) -> list[Table]:
     return tables
 
 
-def _time_to(points: dict[str, list[EvalPoint]], target: float | None, field: str) -> dict[str, float]:
+def _time_to(points: dict[str, list[EvalPoint]], targets: dict[str, float], mean_target: float | None,
+             field: str) -> dict[str, float]:
+    """seed -> time to the target: the baseline's final metric of the same seed, else the baseline's mean."""
     out = {}
     for seed, p in points.items():
-        q = time_to_quality(p, target, "")
+        q = time_to_quality(p, targets.get(seed, mean_target), "")
         if q and q["reached"]:
             out[seed] = q[field]
     return out
@@ -196,7 +198,8 @@ def summary_table(report: Report, variant: str, several_variants: bool) -> Table
     base = report.baseline
     base_final = base.final(variant) if base else {}
     target = float(np.mean(list(base_final.values()))) if base_final else None
-    base_tt = {f: _time_to(base.points(variant), target, f) for f in ("train_s", "wall_s")} if base else {}
+    base_tt = ({f: _time_to(base.points(variant), base_final, target, f) for f in ("train_s", "wall_s")}
+               if base else {})
     extra_fns = COLUMNS.get(report.demo, [])
     rows, extra_cols = [], []
     for run in report.runs:
@@ -213,7 +216,7 @@ def summary_table(report: Report, variant: str, several_variants: bool) -> Table
                "baseline" if run is base else _pct(_difference(base_final, final), target) if base else "—",
                float(np.mean(tokens)) if tokens else None]
         for field in ("train_s", "wall_s"):
-            mine = _time_to(run.points(variant), target, field)
+            mine = _time_to(run.points(variant), base_final, target, field)
             row.append(fmt_ci(describe(list(mine.values()))) if mine else ("not reached" if trains else "—"))
             common = sorted(mine.keys() & base_tt.get(field, {}).keys())
             speedup = paired_ratio([base_tt[field][s] for s in common], [mine[s] for s in common])
@@ -232,7 +235,8 @@ def summary_table(report: Report, variant: str, several_variants: bool) -> Table
         note=f"baseline: {base.name if base else 'none (--baseline NAME)'}. final: {report.metric} at the last "
              "eval, mean [95% CI] (n seeds); Δ: relative to the baseline's mean, CI paired by seed when both ran "
              "the same seeds, else Welch; time to the baseline's final metric: interpolated between evals "
-             "(mgr.quality), training seconds (evals and compilation excluded) and wall seconds; speedup: "
+             "(mgr.quality; the same seed's final where the baseline ran that seed, else its mean), training seconds "
+             "(evals and compilation excluded) and wall seconds; speedup: "
              "baseline's time over this one's, paired by seed (geometric mean). FLOPs/step: mgr.flops estimator.")
 
 

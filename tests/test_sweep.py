@@ -163,14 +163,16 @@ def test_report_tables_from_run_directories(tmp_path):
     assert rows["cand"][6] == (f"{100 * diffs.mean() / mean_base:+.2g}% [{100 * lo / mean_base:+.2g}%, "
                                f"{100 * hi / mean_base:+.2g}%] (n=3)")
     assert rows["cand"][-1] == "0.5" and rows["base"][-1] == "1"
-    # time to the baseline's mean final loss (1.1): cand crosses between its evals, in log-loss
-    target = mean_base
+    # time to the same seed's baseline final loss: cand crosses between its evals, in log-loss
     cand_t = []
     for s in base:
-        f = (np.log(2 * cand[s]) - np.log(target)) / (np.log(2 * cand[s]) - np.log(cand[s]))
+        f = (np.log(2 * cand[s]) - np.log(base[s])) / (np.log(2 * cand[s]) - np.log(cand[s]))
         assert 0 <= f <= 1
         cand_t.append(1.5 + f * 1.5)  # train_s = step / 10 * (1 + lr) between steps 10 and 20
     assert rows["cand"][8].startswith(f"{np.mean(cand_t):.4g} [")
+    base_t = [2 * (1 + 1.0)] * 3  # the baseline reaches its own final at its last eval, step 20
+    speedup = np.exp(np.mean(np.log(np.array(base_t) / cand_t)))
+    assert rows["cand"][9].startswith(f"{speedup:.4g} [") and rows["base"][9].startswith("1 [")
     assert rows["base"][3] == "20" and rows["base"][4] == "10" and rows["base"][7] == "1000"
     assert "| 10 | 2.2 | 2.013 |" in steps and "| 20 | 1.1 | 1.007 |" in steps
     for plot in ("loss_vs_step.png", "loss_vs_flops.png", "loss_vs_time.png"):
