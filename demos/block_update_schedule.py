@@ -47,7 +47,8 @@ from mgr.demo import Demo
 from mgr.errors import UserError
 from mgr.methods.partial import block_relevance, freeze_prefix_rows, suffix_labels, suffix_scan
 from mgr.plots import plot_curves
-from mgr.results import Results, Table
+from mgr.quality import time_to_quality
+from mgr.results import Results, Table, fmt
 from mgr.methods.schedule import DynamicSuffixConfig, Schedule, allowed_levels, make_schedule
 from nanochat import train as nanochat
 from nanochat.model import rms_norm
@@ -401,6 +402,19 @@ def report(config: Config, ctx, task: Task, variant_flops: dict, step_ms: dict, 
                               ("speedup_timed_depths", "timed_ms_per_step"), ("flops_speedup", "flops_per_step")):
             e[speedup] = full[cost] / e[cost] if full and e[cost] else None
         e["gap_vs_full_pct"] = 100 * (e["val_loss"] / full["val_loss"] - 1) if full else None
+    # Time to quality: when each schedule's evals first reached full_update's final val loss (interpolated).
+    ttq_rows = []
+    if full:
+        for name, r in runs.items():
+            q = time_to_quality(r.eval_points, full["val_loss"], "val_loss", config.eval_every or None)
+            e = per_schedule[name]
+            e["time_to_full_final"] = q
+            base_q = per_schedule["full_update"]["time_to_full_final"]
+            for clock in ("train_s", "wall_s"):
+                e[f"speedup_to_full_final_{clock}"] = (base_q[clock] / q[clock] if q["reached"] and base_q["reached"]
+                                                       and q[clock] else None)
+            ttq_rows.append([name, q["reached"], q["steps"], q["flops"], q["train_s"], q["wall_s"],
+                             e["speedup_to_full_final_train_s"], e["speedup_to_full_final_wall_s"]])
 
     rows = [[name, e["steps"], e["val_loss"], e["mean_ms_per_step"], e["speedup_ms_per_step"], e["speedup_wall"],
              e["speedup_timed_depths"], e["flops_speedup"], e["gap_vs_full_pct"], e["spent_flops"],
@@ -443,6 +457,15 @@ def report(config: Config, ctx, task: Task, variant_flops: dict, step_ms: dict, 
                          f"fastest of {config.timing_rounds} calls of each variant, the variants called in turn "
                          "after training.")
 
+    tables = [schedule_table, depth_table]
+    if ttq_rows:
+        tables.insert(1, Table(
+            f"Time to full_update's final val loss ({fmt(full['val_loss'])})",
+            ["schedule", "reached", "steps", "FLOPs", "train s", "wall s", "speedup (train s)", "speedup (wall s)"],
+            ttq_rows, note="Interpolated between the first eval at or below the target and the one before (linear "
+                           "in log-loss, mgr.quality); --eval-every sets the resolution (0: only the final eval, so "
+                           "a schedule either reaches it at its end or not at all). train s: evals and compilation "
+                           "excluded; wall s: everything since the schedule started training."))
     _plots(ctx, L, runs, drivers)
     notes = [
         "choose(step, last_metrics) sees the metrics of step-2 (step-1 right after an eval): the harness reads them "
@@ -452,7 +475,7 @@ def report(config: Config, ctx, task: Task, variant_flops: dict, step_ms: dict, 
     ]
     metrics = {"model": config.model, "n_blocks": L, "planned_steps": planned, "schedules": per_schedule,
                "per_depth": per_depth}
-    return Results(metrics=metrics, tables=[schedule_table, depth_table], notes=notes)
+    return Results(metrics=metrics, tables=tables, notes=notes)
 
 
 def _plots(ctx, L: int, runs: dict, drivers: dict) -> None:

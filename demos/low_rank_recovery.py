@@ -182,4 +182,4 @@ def run(cfg: Config, ctx) -> Results:
 DEMO = Demo(name="low-rank-recovery",
             description="low-rank projection / MLP (SVD or data-aware init) distilled back towards dense",
             config=Config, run=run, check=check, kind="benches", topic="low_rank_recovery",
-            default_max_iterations=lambda cfg: cfg.steps)
+            default_max_iterations=lambda cfg: cfg.steps, quality_metric="val_rel_err")

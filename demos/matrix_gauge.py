@@ -482,4 +482,4 @@ def plot_losses(curves: dict, path) -> None:
 
 DEMO = Demo(name="matrix-gauge", description="matrix-exponential gauge mixing (Givens transports, uniformized "
             "Markov diffusion, SPD gate) vs causal softmax attention", config=Config, run=run, check=validate,
-            default_max_iterations=DEFAULT_STEPS)
+            default_max_iterations=DEFAULT_STEPS, quality_metric="eval_loss")

@@ -1,4 +1,5 @@
-"""Run budgets: the launcher stops a training loop at the first of max iterations, target FLOPs or wall time."""
+"""Run budgets: the launcher stops a training loop at the first of max iterations, target FLOPs, wall time or a
+quality target (the demo's validation metric reaching ``target_loss`` at an eval)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,15 @@ class Budget:
     target_flops: float | None = None
     time_budget: float | None = None  # seconds of training, compilation and evaluation excluded
     warmup_steps: int = 0  # excluded from throughput figures, not from the budget
+    # Quality target: checked at every eval against the demo's quality metric (mgr.demo.Demo.quality_metric). It
+    # stops the run at the first eval at or below it unless stop_at_target is False (the crossing is recorded).
+    # It bounds nothing by itself: a run that never reaches it stops at the other budgets.
+    target_loss: float | None = None
+    stop_at_target: bool = True
 
     def __post_init__(self):
         for flag, value in (("--max-iterations", self.max_iterations), ("--target-flops", self.target_flops),
-                            ("--time-budget", self.time_budget)):
+                            ("--time-budget", self.time_budget), ("--target-loss", self.target_loss)):
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise UserError(f"{flag} must be a positive number, got {value!r}")
         if self.max_iterations is not None and int(self.max_iterations) != self.max_iterations:
@@ -58,6 +64,7 @@ class BudgetTracker:
         self.steps = 0
         self.spent_flops = 0.0
         self.stopped_by: str | None = None
+        self.target_reached = False  # set by the loop at the first eval at or below budget.target_loss
         planned = []
         if budget.max_iterations is not None:
             planned.append(int(budget.max_iterations))
@@ -78,6 +85,8 @@ class BudgetTracker:
             return "target_flops"
         if b.time_budget is not None and elapsed_s >= b.time_budget:
             return "time_budget"
+        if self.target_reached and b.stop_at_target:
+            return "target_loss"
         return None
 
     def record(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The `mgr` command: list demos, run one under a budget, show a run, compare two runs."""
+"""The `mgr` command: list demos, run one under a budget, show a run, compare two runs, sweep a grid, report it."""
 
 from __future__ import annotations
 
@@ -61,7 +61,24 @@ def whole_number(minimum: int, below: int | None = None):
 _non_negative_int = whole_number(0)
 
 
-def add_run_flags(parser: argparse.ArgumentParser, *, budget: bool = True, warmup_steps: int = 1) -> None:
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated whole numbers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or any(not 0 <= s < 2**32 for s in seeds):
+        raise argparse.ArgumentTypeError(f"must be distinct seeds in [0, 2^32), got {text!r}")
+    return seeds
+
+
+def budget_from_args(args: argparse.Namespace):
+    from mgr.budget import Budget
+    return Budget(max_iterations=args.max_iterations, target_flops=args.target_flops, time_budget=args.time_budget,
+                  warmup_steps=args.warmup_steps, target_loss=args.target_loss, stop_at_target=args.stop_at_target)
+
+
+def add_run_flags(parser: argparse.ArgumentParser, *, budget: bool = True, warmup_steps: int = 1,
+                  seeds: bool = False) -> None:
     """Flags every run shares: budget (unless the caller sets it, as benches do with --steps), seed, artifacts,
     device."""
     if budget:
@@ -71,11 +88,22 @@ def add_run_flags(parser: argparse.ArgumentParser, *, budget: bool = True, warmu
                        help="FLOPs per variant; steps = ceil(F / measured FLOPs per step)")
         b.add_argument("--time-budget", type=_positive_float,
                        help="seconds of training per variant (compilation and eval excluded)")
+        b.add_argument("--target-loss", type=_positive_float,
+                       help="quality target on the demo's validation metric (nanochat, block-update-schedule: "
+                            "val_loss; matrix-gauge: eval_loss): stop at the first eval at or below it; checked "
+                            "only at evals (their cadence is the resolution); the other budgets still cap the run")
+        b.add_argument("--no-stop-at-target", dest="stop_at_target", action="store_false",
+                       help="keep training past --target-loss, recording the crossing")
     r = parser.add_argument_group("run")
     r.add_argument("--warmup-steps", type=_non_negative_int, default=warmup_steps,
                    help=f"steps excluded from throughput figures, not from the budget (default: {warmup_steps})")
     r.add_argument("--seed", type=whole_number(0, below=2**32), default=0,
                    help="seed of the run's PRNG key and data order, in [0, 2^32) (default: 0)")
+    if seeds:
+        r.add_argument("--seeds", type=_seed_list, default=(),
+                       help="comma-separated seeds run one after another in this run directory (replaces --seed): "
+                            "per-seed results kept, every metric with its mean and 95%% CI, variants paired by "
+                            "seed")
     r.add_argument("--artifacts-dir", default="artifacts", help="root of the run directories (default: artifacts)")
     r.add_argument("--artifacts-kind", help="override the demo's kind (first directory level)")
     r.add_argument("--artifacts-topic",
@@ -93,7 +121,7 @@ def launch_from_args(demo, config, args: argparse.Namespace, budget, command: li
     select_device(args.device)
     code, _ = launch(demo, config, budget=budget, seed=args.seed, artifacts_dir=args.artifacts_dir,
                      run_id=args.run_id or default_run_id(), kind=args.artifacts_kind, topic=args.artifacts_topic,
-                     argv=command, json_out=args.json_out)
+                     argv=command, json_out=args.json_out, seeds=getattr(args, "seeds", ()))
     return code
 
 
@@ -118,23 +146,28 @@ def _resolve_demo(name: str):
     return load(name)
 
 
-def run_demo(name: str, argv: list[str], prog: str = "mgr run", command: list[str] | None = None) -> int:
-    """`mgr run <name> ...`; also the entry point of `python -m nanochat.train`. ``command`` is what the run
-    records as its command line (default: this process's sys.argv)."""
-    from mgr.budget import Budget
+def parse_demo_args(name: str, argv: list[str], prog: str = "mgr run"):
+    """(demo, config, args, budget) of a `mgr run <name> ...` command line, every value checked."""
+    import dataclasses
     from mgr.flags import add_config_flags, config_from_args
 
     demo = _resolve_demo(name)
     parser = OneLineParser(prog=f"{prog} {name}" if prog == "mgr run" else prog, description=demo.description)
     add_config_flags(parser, demo.config)
-    add_run_flags(parser)
+    # A demo with its own seeds option (matrix-gauge vmaps them in one step) keeps it; the others get --seeds.
+    add_run_flags(parser, seeds="seeds" not in {f.name for f in dataclasses.fields(demo.config)})
     args = parser.parse_args(argv)
     try:
         config = config_from_args(demo.config, args)
     except (TypeError, ValueError) as e:
         raise UserError(f"invalid options for {name}: {e}") from None
-    budget = Budget(max_iterations=args.max_iterations, target_flops=args.target_flops,
-                    time_budget=args.time_budget, warmup_steps=args.warmup_steps)
+    return demo, config, args, budget_from_args(args)
+
+
+def run_demo(name: str, argv: list[str], prog: str = "mgr run", command: list[str] | None = None) -> int:
+    """`mgr run <name> ...`; also the entry point of `python -m nanochat.train`. ``command`` is what the run
+    records as its command line (default: this process's sys.argv)."""
+    demo, config, args, budget = parse_demo_args(name, argv, prog)
     return launch_from_args(demo, config, args, budget, command or [Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
@@ -182,6 +215,8 @@ def _dispatch(argv: list[str]) -> int:
             raise UserError("usage: mgr run <demo> [options]; `mgr list` shows the demos")
         return run_demo(argv[1], argv[2:], command=["mgr", *argv])
     from mgr.compare import add_compare_flags, compare_runs
+    from mgr.report import add_report_flags, report_command
+    from mgr.sweep import add_sweep_flags, sweep_command
     parser = OneLineParser(prog="mgr", description="Time-to-quality research harness.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     sub.add_parser("list", help="list demos")
@@ -191,13 +226,22 @@ def _dispatch(argv: list[str]) -> int:
     show = sub.add_parser("show", help="print a run's tables again")
     show.add_argument("run_dir", help="a run directory or its summary.json")
     add_compare_flags(sub.add_parser("compare", help="compare two runs metric by metric"))
-    args = parser.parse_args(argv)
+    add_sweep_flags(sub.add_parser("sweep", allow_abbrev=False, help="run a grid/list of configurations of a demo (resumable, "
+                                                 "shardable); unknown flags are the demo's, shared by all"))
+    add_report_flags(sub.add_parser("report", help="write README.md and plots for a sweep directory"))
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "sweep":
+        raise UserError(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "list":
         return _list()
     if args.command == "show":
         return _show(args.run_dir)
     if args.command == "compare":
         return compare_runs(args, Console())
+    if args.command == "sweep":
+        return sweep_command(args, extra)
+    if args.command == "report":
+        return report_command(args)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 

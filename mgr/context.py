@@ -5,6 +5,10 @@ budget is planned with are the FLOPs of the very executable that runs), then ste
 metrics are fetched every ``sync_every`` steps in one transfer, the newest step left queued so the device never
 idles, and that is when losses are checked for NaN/inf and logged. A ``choose`` function (a schedule that picks
 the next step's variant) and a time budget get them every step, one step late.
+
+Time to quality and the decomposition (``mgr.quality``): every eval records the step, FLOPs and seconds reached,
+and is checked against the budget's quality target; data loading, compilation, evals, hooks and host-side metric
+handling are timed apart from the steps, and taken out of the synced windows that step times come from.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mgr.artifacts import RunWriter
 from mgr.budget import Budget, BudgetTracker
-from mgr.errors import Diverged
-from mgr.flops import FlopsRecord, compile_and_count
+from mgr.errors import Diverged, UserError
+from mgr.flops import FlopsRecord, price
 from mgr.meta import peak_memory_gb
+from mgr.quality import EvalPoint, LoopClock, decomposition, time_to_quality
 from mgr.timing import Timing
 
 StepFn = Callable[[Any, Any], tuple[Any, dict]]
@@ -47,6 +52,9 @@ class TrainResult:
     variant_steps: dict[str, int]
     final_metrics: dict
     flops_records: dict[str, FlopsRecord]
+    eval_points: list[EvalPoint] = dataclasses.field(default_factory=list)
+    time_to_quality: dict | None = None
+    decomposition: dict | None = None
 
     @property
     def final_loss(self) -> Any:
@@ -72,6 +80,9 @@ class TrainResult:
             "wall_s": self.wall_s,
             "variant_steps": self.variant_steps,
             "flops": {k: r.to_dict() for k, r in self.flops_records.items()},
+            "time_to_quality": self.time_to_quality,
+            "decomposition": self.decomposition,
+            "eval_points": [p.to_dict() for p in self.eval_points],
         }
 
 
@@ -88,8 +99,24 @@ def _copy_tree(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
 
 
+@dataclasses.dataclass
+class _Executable:
+    fn: Callable  # kept so its id is not reused
+    exe: Any
+    record: FlopsRecord
+    compile_s: float  # trace + lower + XLA compile
+    pricing_s: float  # mgr.flops pricing of the compiled program
+    done_at: float  # perf_counter when it was ready
+    claimed: bool = False  # its time is charged to the first variant that trains with it
+
+
+class PlanOnly(Exception):
+    """Raised by ``train`` in a context that only plans (``plan_only``): the budget is resolved, nothing trains."""
+
+
 class RunContext:
-    def __init__(self, *, seed: int, budget: Budget, writer: RunWriter, console: Console | None = None):
+    def __init__(self, *, seed: int, budget: Budget, writer: RunWriter, console: Console | None = None,
+                 quality_metric: str = "val_loss", plot_prefix: str = "", log_extra: dict | None = None):
         self.seed = seed
         self.rng = jax.random.key(seed)
         self.budget = budget
@@ -100,29 +127,54 @@ class RunContext:
         # Steps between metric reads when no schedule needs them sooner: each read syncs host and device, which
         # cost ~3% of a 10 ms CPU step when done every step (bench/harness_overhead.py).
         self.sync_every = 8
-        # Compiled steps by function identity and argument shapes (the function is kept so its id is not reused).
-        self._executables: dict[tuple, tuple[Callable, Any, FlopsRecord]] = {}
+        # Compiled steps by function identity and argument shapes.
+        self._executables: dict[tuple, _Executable] = {}
+        # The eval metric a --target-loss is checked against (the demo declares it, mgr.demo.Demo.quality_metric).
+        self.quality_metric = quality_metric
+        # A seed of a --seeds run: its plots get their own names, its metrics.jsonl records name the seed.
+        self.plot_prefix = plot_prefix
+        self.log_extra = log_extra or {}
+        self.plan_only = False  # `mgr sweep --dry-run`: train() stops once the budget is resolved
 
     @property
     def run_dir(self) -> Path:
         return self.writer.run_dir
 
+    @property
+    def seed_dir(self) -> Path:
+        """Where this seed keeps its own files (checkpoints): the run directory, or run_dir/seed<k> in a --seeds
+        run, so seeds never write over each other."""
+        if not self.plot_prefix:
+            return self.run_dir
+        path = self.run_dir / self.plot_prefix.rstrip("_")
+        path.mkdir(exist_ok=True)
+        return path
+
     def plot_path(self, name: str) -> Path:
-        return self.writer.plot_path(name)
+        return self.writer.plot_path(self.plot_prefix + name)
 
     def log(self, record: dict) -> None:
-        self.writer.log(record)
+        self.writer.log({**self.log_extra, **record})
 
     def compile(self, fn: Callable, state: Any, batch: Any) -> tuple[Any, FlopsRecord]:
         """The executable ``train`` runs for ``fn`` on these argument shapes (state donated), and its FLOPs;
         compiled once per run, so a demo that times a step variant itself times the very program that trained."""
+        entry = self._compiled(fn, state, batch)
+        return entry.exe, entry.record
+
+    def _compiled(self, fn: Callable, state: Any, batch: Any) -> _Executable:
         leaves, treedef = jax.tree.flatten((state, batch))
         key = (id(fn), treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
         if key not in self._executables:
-            record, exe = compile_and_count(jax.jit(fn, donate_argnums=0), state, batch)
-            self._executables[key] = (fn, exe, record)
-        _, exe, record = self._executables[key]
-        return exe, record
+            # mgr.flops.compile_and_count in two timed parts: compilation, then pricing, for the decomposition.
+            t0 = time.perf_counter()
+            traced = jax.jit(fn, donate_argnums=0).trace(state, batch)
+            exe = traced.lower().compile()
+            t1 = time.perf_counter()
+            record = price(traced.jaxpr, exe)
+            t2 = time.perf_counter()
+            self._executables[key] = _Executable(fn, exe, record, t1 - t0, t2 - t1, t2)
+        return self._executables[key]
 
     def plan(self, step_fn: StepFn, state: Any, batch: Any) -> BudgetTracker:
         """Compile ``step_fn`` (cached for ``train``) and resolve the budget against its measured FLOPs, for demos
@@ -149,25 +201,46 @@ class RunContext:
         if choose is None and len(variants) > 1:
             raise ValueError("several step variants need a `choose` function")
         compiled: dict[Hashable, tuple[Any, FlopsRecord]] = {}
+        clock = LoopClock()
+        entered = time.perf_counter()
+        compiled_before_s = 0.0  # compilation done before this call (ctx.plan) that this variant is charged
 
         def executable(key, st, batch):
+            nonlocal compiled_before_s
             if key not in compiled:
-                compiled[key] = self.compile(variants[key], st, batch)
+                entry = self._compiled(variants[key], st, batch)
+                if not entry.claimed:
+                    entry.claimed = True
+                    clock.add("compile_s", entry.compile_s, in_window=False)
+                    clock.add("flops_pricing_s", entry.pricing_s, in_window=False)
+                    if entry.done_at < entered:
+                        compiled_before_s += entry.compile_s + entry.pricing_s
+                    else:  # compiled inside a read window: not step time
+                        clock.window_host_s += entry.compile_s + entry.pricing_s
+                compiled[key] = (entry.exe, entry.record)
             return compiled[key]
+
+        def next_batch(at_step: int):
+            with clock.timed("data_s"):
+                return batch_fn(at_step)
 
         state = _copy_tree(state)
         first_key = choose(start_step, None) if choose else None
-        batch = batch_fn(start_step)
+        batch = next_batch(start_step)
         _, first_record = executable(first_key, state, batch)
         tracker = BudgetTracker(self.budget, first_record.flops)
         for _ in range(start_step):
             tracker.charge(first_record.flops)
         self.budget_records[name] = tracker.record()
+        if self.plan_only:
+            raise PlanOnly(name)
 
         losses: list = []
         evals: list[tuple[int, dict]] = []
-        # (time a read window finished, steps it read); None marks a window spanning an eval or a hook.
-        windows: list[tuple[float, int] | None] = []
+        points: list[EvalPoint] = []
+        # (time a read window finished, steps it read, host time inside it); 0 steps: the end of an eval or a hook,
+        # after which the device is idle, so the next window starts there.
+        windows: list[tuple[float, int, float]] = []
         variant_steps: dict[str, int] = {}
         last: dict | None = None
         pending: list[tuple[int, dict]] = []
@@ -187,28 +260,42 @@ class RunContext:
             # Steps leave `pending` only once logged: an interrupt during the blocking transfer leaves them for
             # the interrupt handler's read, so metrics.jsonl holds every step the summary counts.
             hosts = jax.device_get([m for _, m in batch_read])
-            windows.append((time.perf_counter(), len(batch_read)))
-            for (at_step, _), host in zip(batch_read, hosts):
-                host = _host(host)
-                self.writer.log({"variant": name, "step": at_step, **host})
-                pending.pop(0)
-                losses.append(host["loss"])
-                if not np.all(np.isfinite(np.asarray(host["loss"], dtype=np.float64))):
-                    raise Diverged(f"{name}: non-finite loss at step {at_step}")
-                last = host
-            progress.update(task, advance=len(batch_read), loss=f"{np.mean(last['loss']):.4f}")
+            windows.append((time.perf_counter(), len(batch_read), clock.take_window()))
+            with clock.timed("host_sync_s"):
+                for (at_step, _), host in zip(batch_read, hosts):
+                    host = _host(host)
+                    self.log({"variant": name, "step": at_step, **host})
+                    pending.pop(0)
+                    losses.append(host["loss"])
+                    if not np.all(np.isfinite(np.asarray(host["loss"], dtype=np.float64))):
+                        raise Diverged(f"{name}: non-finite loss at step {at_step}")
+                    last = host
+                progress.update(task, advance=len(batch_read), loss=f"{np.mean(last['loss']):.4f}")
 
-        def paused(fn: Callable[[], None]) -> None:
+
+        def paused(bucket: str, fn: Callable[[], None]) -> None:
             nonlocal paused_s
             t0 = time.perf_counter()
             fn()
-            paused_s += time.perf_counter() - t0
-            windows.append(None)  # the next window spans an eval or a hook: it is not a step time
+            dt = time.perf_counter() - t0
+            paused_s += dt
+            clock.add(bucket, dt, in_window=False)
+            windows.append((time.perf_counter(), 0, clock.take_window()))
 
         def run_eval(at_step: int) -> None:
+            reached = EvalPoint(at_step, tracker.spent_flops, time.perf_counter() - start - paused_s,
+                                time.perf_counter() - entered + compiled_before_s, None)
             result = _host(eval_fn(state))
             evals.append((at_step, result))
-            self.writer.log({"variant": name, "step": at_step, "eval": result})
+            self.log({"variant": name, "step": at_step, "eval": result})
+            value = result.get(self.quality_metric)
+            if self.budget.target_loss is not None and value is None:
+                raise UserError(f"--target-loss: {name}'s evals report {', '.join(result) or 'nothing'}, not "
+                                f"{self.quality_metric!r}")
+            value = None if value is None else float(np.mean(value))
+            points.append(dataclasses.replace(reached, value=value))
+            if self.budget.target_loss is not None and value is not None and value <= self.budget.target_loss:
+                tracker.target_reached = True
 
         progress = Progress(TextColumn(f"[bold]{name}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=self.console,
@@ -224,7 +311,7 @@ class RunContext:
                         break
                     key = choose(step, last) if choose else None
                     if step > start_step:
-                        batch = batch_fn(step)
+                        batch = next_batch(step)
                     exe, record = executable(key, state, batch)
                     state, metrics = exe(state, batch)
                     tracker.charge(record.flops)
@@ -240,12 +327,12 @@ class RunContext:
                     if due_eval or due_hooks:
                         read(keep_newest=False)
                     if due_eval:
-                        paused(lambda: run_eval(step))
+                        paused("eval_s", lambda: run_eval(step))
                     for fn in due_hooks:
-                        paused(lambda: fn(step, state))
+                        paused("hooks_s", lambda: fn(step, state))
                 read(keep_newest=False)
                 if eval_fn is not None and (not evals or evals[-1][0] != step):
-                    paused(lambda: run_eval(step))
+                    paused("eval_s", lambda: run_eval(step))
         except KeyboardInterrupt:
             tracker.stopped_by = "interrupted"
             read(keep_newest=False)  # the steps that ran keep their metrics
@@ -258,21 +345,29 @@ class RunContext:
         finally:
             wall = time.perf_counter() - start - paused_s
             self.budget_records[name] = tracker.record()
+            step_ms = _step_times(windows)
+            ttq = time_to_quality(points, self.budget.target_loss, self.quality_metric, eval_every or None)
             result = TrainResult(
                 state=state, steps=tracker.steps, stopped_by=tracker.stopped_by,
                 flops_per_step=first_record.flops, spent_flops=tracker.spent_flops,
-                step_ms=_step_times(windows), wall_s=wall, losses=losses, evals=evals,
+                step_ms=step_ms, wall_s=wall, losses=losses, evals=evals,
                 variant_steps=variant_steps, final_metrics=last or {},
-                flops_records={name if k is None else str(k): r for k, (_, r) in compiled.items()})
+                flops_records={name if k is None else str(k): r for k, (_, r) in compiled.items()},
+                eval_points=points, time_to_quality=ttq,
+                decomposition=decomposition(
+                    steps=tracker.steps - start_step, spent_flops=tracker.spent_flops - start_step * first_record.flops,
+                    step_samples_ms=step_ms.samples_ms, wall_s=time.perf_counter() - entered + compiled_before_s,
+                    overheads=clock.buckets, required_flops=ttq["flops"] if ttq and ttq["reached"] else None))
             self.train_summaries[name] = {**result.summary(), "peak_memory_gb": peak_memory_gb()}
         return result
 
 
-def _step_times(windows: list[tuple[float, int] | None]) -> Timing:
-    """One sample per timed step: a window's wall time over the steps it read. The first window (warm-up) only
-    starts the clock; windows spanning an eval or a hook are skipped."""
+def _step_times(windows: list[tuple[float, int, float]]) -> Timing:
+    """One sample per timed step: a window's wall time, less the host time timed inside it (data loading, a
+    compilation, metric handling), over the steps it read. The first window (warm-up) only starts the clock, and so
+    does the end of every eval or hook."""
     samples: list[float] = []
     for prev, cur in zip(windows, windows[1:]):
-        if prev is not None and cur is not None:
-            samples += [(cur[0] - prev[0]) * 1e3 / cur[1]] * cur[1]
+        if cur[1]:
+            samples += [max(cur[0] - prev[0] - cur[2], 0.0) * 1e3 / cur[1]] * cur[1]
     return Timing.from_samples(samples)

@@ -22,6 +22,8 @@ class Demo:
     # check(config, budget) raises UserError for bad input; the launcher calls it before making the run directory,
     # so a refused run is one line and leaves nothing behind.
     check: Callable[[Any, Any], None] | None = None
+    # The eval metric (lower is better) that --target-loss and time to quality are measured on.
+    quality_metric: str = "val_loss"
 
     def default_iterations(self, config: Any) -> int:
         default = self.default_max_iterations

@@ -1,8 +1,16 @@
-"""Runs one demo under a budget and always leaves a summary behind, whatever happens to the run."""
+"""Runs one demo under a budget and always leaves a summary behind, whatever happens to the run.
+
+With several seeds (``--seeds``) the demo runs once per seed, one after another, in the same run directory: each
+seed's metrics and training summaries are kept (``results.per_seed``), every numeric result gets its mean, std and
+95% CI over the seeds (``results.over_seeds``), and every variant is paired by seed with the first one trained
+(``results.paired``: differences and ratios with their CIs).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import signal
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -12,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table as RichTable
 
+from mgr import IMPORTED_AT
 from mgr.artifacts import SCHEMA_VERSION, RunWriter, atomic_write_json, check_output_file
 from mgr.budget import Budget, combine_records
 from mgr.context import RunContext
@@ -19,10 +28,12 @@ from mgr.demo import Demo
 from mgr.errors import Diverged, UserError
 from mgr.meta import run_meta
 from mgr.results import Results, Table, fmt, to_jsonable
+from mgr.stats import describe, fmt_ci, paired_difference, paired_ratio
 
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM), what a scheduler or `kill` sends
 SEED_LIMIT = 2**32  # jax.random.key keeps 32 bits of a seed: 2**32 would give seed 0's key again
+_started_once = False  # the process start-up is charged to its first launch only (a sweep runs several)
 
 
 class Terminated(KeyboardInterrupt):
@@ -40,30 +51,41 @@ def check_seed(seed: Any, flag: str = "--seed") -> None:
 
 def launch(demo: Demo, config: Any, *, budget: Budget, seed: int, artifacts_dir: str, run_id: str,
            kind: str | None = None, topic: str | None = None, argv: list[str] | None = None,
-           console: Console | None = None, json_out: str | None = None) -> tuple[int, dict]:
-    """Run ``demo`` and write its run directory (and the summary to ``json_out`` too). Returns (exit code, summary).
+           console: Console | None = None, json_out: str | None = None,
+           seeds: tuple[int, ...] = ()) -> tuple[int, dict]:
+    """Run ``demo`` (once per seed of ``seeds`` when given, else with ``seed``) and write its run directory (and
+    the summary to ``json_out`` too). Returns (exit code, summary).
 
     Everything that can be checked without running (seed, budget, the demo's config, where files go) is checked
     before the run directory exists; from then on whatever happens ends in a summary."""
+    global _started_once
+    started = time.perf_counter()
+    startup_s, _started_once = (0.0 if _started_once else started - IMPORTED_AT), True
     console = console or Console()
-    check_seed(seed)
     budget = budget.or_default(demo.default_iterations(config))
     kind, topic = kind or demo.kind, topic or demo.default_topic
     if demo.check is not None:
         demo.check(config, budget)
     if json_out is not None:
         check_output_file(json_out, "--json-out")
+    seeds = tuple(seeds) or (seed,)
+    for s in seeds:
+        check_seed(s, "--seeds" if len(seeds) > 1 else "--seed")
     writer = RunWriter(artifacts_dir, kind, topic, run_id)
-    meta = {"run_id": run_id, "kind": kind, "topic": topic, "argv": argv or [], "seed": seed}
-    ctx = None
-    status, error, results, code = "completed", None, Results(), 0
+    meta = {"run_id": run_id, "kind": kind, "topic": topic, "argv": argv or [], "seed": seeds[0]}
+    runs: list[tuple[int, RunContext, Results]] = []
+    status, error, code = "completed", None, 0
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    several = len(seeds) > 1
     try:
-        writer.write_json("config.json", {"demo": demo.name, "config": config, "seed": seed,
-                                          "budget": budget.to_dict()})
-        meta = run_meta(run_id=run_id, kind=kind, topic=topic, argv=argv or [], seed=seed)
-        ctx = RunContext(seed=seed, budget=budget, writer=writer)
-        results = demo.run(config, ctx)
+        writer.write_json("config.json", {"demo": demo.name, "config": config, "seed": seeds[0],
+                                          "seeds": list(seeds) if several else None, "budget": budget.to_dict()})
+        meta = run_meta(run_id=run_id, kind=kind, topic=topic, argv=argv or [], seed=seeds[0])
+        for s in seeds:
+            ctx = RunContext(seed=s, budget=budget, writer=writer, quality_metric=demo.quality_metric,
+                             plot_prefix=f"seed{s}_" if several else "", log_extra={"seed": s} if several else None)
+            runs.append((s, ctx, Results()))
+            runs[-1] = (s, ctx, demo.run(config, ctx))
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)
         status, code = "interrupted", EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
@@ -78,7 +100,8 @@ def launch(demo: Demo, config: Any, *, budget: Budget, seed: int, artifacts_dir:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        summary = _summary(meta, budget, writer, ctx, results, status, error)
+        summary = _summary(meta, budget, runs, status, error, writer,
+                           {"startup_s": startup_s, "launch_wall_s": time.perf_counter() - started})
         writer.write_json("summary.json", summary)
         writer.write_text("run.md", render_markdown(summary))
         writer.close()
@@ -88,24 +111,100 @@ def launch(demo: Demo, config: Any, *, budget: Budget, seed: int, artifacts_dir:
     return code, summary
 
 
-def _summary(meta: dict, budget: Budget, writer: RunWriter, ctx: RunContext | None, results: Results, status: str,
-             error: str | None) -> dict:
-    budget_records = ctx.budget_records if ctx else {}
+def _summary(meta: dict, budget: Budget, runs: list[tuple[int, RunContext, Results]], status: str,
+             error: str | None, writer: RunWriter, launcher_s: dict) -> dict:
+    plots = sorted(f"plots/{p.name}" for p in writer.plots_dir.iterdir())
+    records = {(name if len(runs) == 1 else f"seed{s}/{name}"): r
+               for s, ctx, _ in runs for name, r in ctx.budget_records.items()}
+    if len(runs) <= 1:  # none: the run failed before its context existed
+        train = runs[0][1].train_summaries if runs else {}
+        res = runs[0][2] if runs else Results()
+        results = {**res.metrics, "train": train, "tables": [t.to_dict() for t in res.tables], "notes": res.notes}
+    else:
+        per_seed = {str(s): {**res.metrics, "train": ctx.train_summaries} for s, ctx, res in runs}
+        results = {"seeds": [s for s, _, _ in runs], "per_seed": per_seed, "over_seeds": over_seeds(per_seed),
+                   "paired": paired_by_seed(per_seed),
+                   "tables": [dataclasses.replace(t, title=f"{t.title} (seed {s})").to_dict() for s, _, res in runs
+                              for t in res.tables],
+                   "notes": [f"seed {s}: {n}" for s, _, res in runs for n in res.notes]}
+    in_train = sum((t.get("decomposition") or {}).get("wall_s") or 0.0
+                   for _, ctx, _ in runs for t in ctx.train_summaries.values())
+    results["decomposition"] = {**launcher_s, "in_training_s": in_train,
+                                "outside_training_s": launcher_s["launch_wall_s"] - in_train}
+    results["plots"] = plots
     return to_jsonable({
         "schema_version": SCHEMA_VERSION,
         "status": status,
         "error": error,
         "meta": meta,
-        "budget": {**budget.to_dict(), **combine_records(budget_records), "variants": budget_records},
-        "results": {**results.metrics, "train": ctx.train_summaries if ctx else {},
-                    "tables": [t.to_dict() for t in results.tables], "notes": results.notes,
-                    "plots": sorted(f"plots/{p.name}" for p in writer.plots_dir.iterdir())},
+        "budget": {**budget.to_dict(), **combine_records(records), "variants": records},
+        "results": results,
         "run_dir": str(writer.run_dir),
     })
 
 
+# Result subtrees that are presentation, estimator records or per-eval series, not results to average over seeds.
+_NOT_AVERAGED = frozenset({"tables", "notes", "plots", "flops", "eval_points", "samples_ms", "model", "n"})
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if str(k) not in _NOT_AVERAGED:
+                out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        out[prefix] = float(tree)
+    return out
+
+
+def over_seeds(per_seed: dict[str, dict]) -> dict[str, dict]:
+    """Mean, std and 95% CI over seeds of every numeric result all seeds share."""
+    leaves = [_leaves(to_jsonable(r)) for r in per_seed.values()]
+    common = set.intersection(*(set(d) for d in leaves)) if leaves else set()
+    return {k: describe([d[k] for d in leaves]) for k in sorted(common)}
+
+
+def _ttq(train: dict, field: str) -> float | None:
+    block = train.get("time_to_quality") or {}
+    return block.get(field) if block.get("reached") else None
+
+
+def paired_by_seed(per_seed: dict[str, dict]) -> dict[str, dict]:
+    """Every variant against the first one trained, paired by seed: final-loss difference, step-time speedup,
+    and time-to-quality speedups (training and wall seconds) where both reached the target."""
+    trains = [r.get("train") or {} for r in per_seed.values()]
+    names = list(trains[0]) if trains else []
+    out: dict[str, dict] = {}
+    for name in names[1:]:
+        both = [t for t in trains if names[0] in t and name in t]
+        base, var = [t[names[0]] for t in both], [t[name] for t in both]
+
+        def pairs(get):
+            ab = [(get(b), get(v)) for b, v in zip(base, var)]
+            ab = [(a, b) for a, b in ab if a is not None and b is not None]
+            return [a for a, _ in ab], [b for _, b in ab]
+
+        loss_a, loss_b = pairs(lambda t: t.get("final_loss"))
+        ms_a, ms_b = pairs(lambda t: (t.get("step_ms") or {}).get("median_ms"))
+        entry = {"baseline": names[0], "final_loss_diff": paired_difference(loss_a, loss_b),
+                 "step_time_speedup": paired_ratio(ms_a, ms_b)}
+        for field in ("train_s", "wall_s"):
+            entry[f"time_to_quality_speedup_{field}"] = paired_ratio(*pairs(lambda t: _ttq(t, field)))
+        out[name] = entry
+    return out
+
+
+def _trains(summary: dict) -> dict[str, dict]:
+    """Training summaries by row label: the variant, or seed/variant in a --seeds run."""
+    results = summary.get("results", {})
+    if "per_seed" in results:
+        return {f"{s}/{name}": t for s, r in results["per_seed"].items() for name, t in (r.get("train") or {}).items()}
+    return results.get("train") or {}
+
+
 def training_table(summary: dict) -> Table | None:
-    train = summary.get("results", {}).get("train") or {}
+    train = _trains(summary)
     if not train:
         return None
     rows = []
@@ -120,10 +219,63 @@ def training_table(summary: dict) -> Table | None:
                  note="FLOPs/step: XLA cost analysis of the compiled step, loop-corrected (mgr.flops).")
 
 
+def quality_tables(summary: dict) -> list[Table]:
+    """Time to quality (when a target was set) and the measured decomposition of every variant's wall time."""
+    train = _trains(summary)
+    ttq_rows, rows, target = [], [], None
+    for name, t in train.items():
+        d, q = t.get("decomposition") or {}, t.get("time_to_quality")
+        if q:
+            target = q.get("target")
+            ttq_rows.append([name, q.get("reached"), q.get("steps"), q.get("flops"), q.get("train_s"),
+                             q.get("wall_s")])
+        if d:
+            o = d.get("overhead") or {}
+            eff = d.get("effective_flops_per_second")
+            rows.append([name, d.get("wall_s"), d.get("step_s"), None if eff is None else eff / 1e12,
+                         f"{fmt(o.get('compile_s'))} ({fmt(o.get('flops_pricing_s'))})", o.get("eval_s"),
+                         o.get("data_s"), (o.get("hooks_s") or 0) + (o.get("host_sync_s") or 0),
+                         d.get("residual_pct")])
+    tables = []
+    if ttq_rows:
+        tables.append(Table(
+            f"Time to quality (target {fmt(target)})",
+            ["variant", "reached", "steps", "FLOPs", "train s", "wall s"], ttq_rows,
+            note="Interpolated between the first eval at or below the target and the one before (linear in "
+                 "log-loss); the eval cadence sets the resolution (time_to_quality.first_eval is that eval). "
+                 "train s: evals and compilation excluded; wall s: everything since the variant started."))
+    if rows:
+        tables.append(Table(
+            "Wall time = step time + pipeline overhead",
+            ["variant", "wall s", "step s", "eff. TFLOP/s", "compile s (pricing)", "eval s", "data s",
+             "hooks+sync s", "residual %"], rows,
+            note="step s: the timed steps (synced windows less the host time inside them) plus the median for "
+                 "the rest; eff. TFLOP/s: spent FLOPs over step s; data: time in batch_fn; residual: wall minus "
+                 "step time and overheads."))
+    return tables
+
+
+def seeds_table(summary: dict) -> Table | None:
+    """Each variant against the first over seeds: paired differences and ratios with their 95% CIs."""
+    results = summary.get("results", {})
+    paired = results.get("paired") or {}
+    if not paired:
+        return None
+    rows = [[name, p["baseline"], fmt_ci(p["final_loss_diff"]), fmt_ci(p["step_time_speedup"]),
+             fmt_ci(p["time_to_quality_speedup_train_s"]), fmt_ci(p["time_to_quality_speedup_wall_s"])]
+            for name, p in paired.items()]
+    return Table(f"Paired by seed (seeds {','.join(map(str, results.get('seeds', [])))})",
+                 ["variant", "vs", "final loss Δ", "step-time speedup", "TTQ speedup (train s)",
+                  "TTQ speedup (wall s)"], rows,
+                 note="mean [95% CI] (n seeds); Δ: variant - baseline per seed (paired t); speedups: geometric "
+                      "mean of the per-seed ratios baseline/variant (paired t on the log ratio). A CI that spans "
+                      "0 (Δ) or 1 (speedup) is no significant difference.")
+
+
 def summary_tables(summary: dict) -> list[Table]:
     tables = [Table.from_dict(t) for t in summary.get("results", {}).get("tables", [])]
-    train = training_table(summary)
-    return ([train] if train else []) + tables
+    train = [t for t in (training_table(summary), *quality_tables(summary), seeds_table(summary)) if t]
+    return train + tables
 
 
 def _budget_line(budget: dict) -> str:

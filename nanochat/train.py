@@ -157,7 +157,10 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, config: Con
             loss, grads = jax.tree.map(lambda g: g / accum, (loss, grads))
         updates, opt = tx.update(grads, state["opt"], params)
         lrm = lr_multiplier(state["step"], state["total_steps"], config)
-        params = optax.apply_updates(params, jax.tree.map(lambda u: lrm * u, updates))
+        # An optional traced "lr_scale" multiplies every learning rate (updates are linear in them, weight decay
+        # included), so runs that differ only in LR share one program: vmapped sweeps (bench.vmapped_sweep).
+        scale = lrm * state["lr_scale"] if "lr_scale" in state else lrm
+        params = optax.apply_updates(params, jax.tree.map(lambda u: scale * u, updates))
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr_mult": lrm}
         if relevance is not None:
             metrics["block_relevance"] = block_relevance(grads, state["params"], config.depth, kind=relevance)
@@ -341,7 +344,7 @@ def run(config: Config, ctx) -> Results:
         ctx.log({"step": step, "sample": text})
 
     hooks = []
-    checkpointer = Checkpointer(ctx.run_dir) if config.checkpoint else None
+    checkpointer = Checkpointer(ctx.seed_dir) if config.checkpoint else None
 
     def save(step, st):
         checkpointer.save(step, st, {"step": step, "data": train.state_dict(), "model": dataclasses.asdict(cfg),

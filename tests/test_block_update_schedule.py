@@ -63,6 +63,38 @@ def test_summary_fields_and_same_budget(equal_steps):
     assert {"plots/active_depth.png", "plots/loss_vs_time.png"} <= set(s["results"]["plots"])
 
 
+def test_time_to_full_updates_final_val_loss(equal_steps):
+    run_dir, s = equal_steps
+    schedules = s["results"]["schedules"]
+    full = schedules["full_update"]["time_to_full_final"]
+    points = s["results"]["train"]["full_update"]["eval_points"]
+    # full_update reaches its own final loss at its last eval (or earlier, if an eval before was as low)
+    assert full["reached"] and full["target"] == schedules["full_update"]["val_loss"] == points[-1]["value"]
+    assert full["steps"] <= STEPS and schedules["full_update"]["speedup_to_full_final_train_s"] == 1
+    for name, e in schedules.items():
+        q = e["time_to_full_final"]
+        assert q["reached"] == (min(p["value"] for p in s["results"]["train"][name]["eval_points"]) <= full["target"])
+        if q["reached"]:
+            assert e["speedup_to_full_final_train_s"] == pytest.approx(full["train_s"] / q["train_s"])
+    assert "Time to full_update's final val loss" in (run_dir / "run.md").read_text()
+
+
+def test_seeds_pair_speedups_and_gaps(tmp_path):
+    code, run_dir = _run(tmp_path, "seeds", "--max-iterations", "8", "--seeds", "0,1", "--schedules",
+                         "full_update,static_suffix", "--timing-rounds", "0")
+    assert code == 0
+    r = read_json(run_dir / "summary.json")["results"]
+    assert r["seeds"] == [0, 1] and set(r["per_seed"]) == {"0", "1"}
+    gaps = [r["per_seed"][k]["schedules"]["static_suffix"]["gap_vs_full_pct"] for k in ("0", "1")]
+    stat = r["over_seeds"]["schedules.static_suffix.gap_vs_full_pct"]
+    assert stat["n"] == 2 and stat["mean"] == pytest.approx(np.mean(gaps))
+    assert stat["ci95"][0] <= stat["mean"] <= stat["ci95"][1]
+    assert r["paired"]["static_suffix"]["baseline"] == "full_update"
+    assert {p.split("_", 1)[0] for p in r["plots"]} == {"plots/seed0", "plots/seed1"}
+    seeds_logged = {json.loads(line).get("seed") for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
+    assert seeds_logged == {0, 1}
+
+
 def test_flops_spent_are_the_sum_of_each_steps_compiled_variant(equal_steps):
     _, s = equal_steps
     schedules = s["results"]["schedules"]

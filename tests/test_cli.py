@@ -1,6 +1,7 @@
 """The `mgr` command: bad input is one `error:` line and exit 2; list, help, show and compare do their job."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -125,8 +126,8 @@ def compare_rows(out):
     """metric -> (delta, verdict) from the rich table."""
     rows = {}
     for line in out.splitlines():
-        cells = [c.strip() for c in line.split("│")[1:-1]]
-        if len(cells) == 5:
+        cells = [c.strip() for c in re.split("[│|]", line)[1:-1]]
+        if len(cells) == 5 and cells[0] not in ("metric", "---"):
             rows[cells[0]] = (cells[3], cells[4])
     return rows
 
@@ -141,14 +142,14 @@ def test_compare_relative_deltas(tmp_path, capsys):
     out = capsys.readouterr().out
     rows = compare_rows(out)
     assert rows == {
-        "accuracy": ("-20.00%", ""),
+        "accuracy": ("-20.00%", "regressed"),  # higher is better
         "train.narrow.final_loss": ("+5.00%", "regressed"),
         "train.narrow.peak_memory_gb": ("+5.00%", "ok"),
         "train.narrow.step_ms.median_ms": ("-20.00%", "improved"),
         "train.narrow.steps": ("+0.00%", ""),
         "train.narrow.tflops_per_s": ("+25.00%", "improved"),
     }
-    assert "1 regression(s): train.narrow.final_loss" in out
+    assert "2 regression(s): accuracy, train.narrow.final_loss" in out
 
 
 @pytest.mark.parametrize("change, code", [

@@ -251,3 +251,26 @@ def test_bench_bad_input_is_one_error_line(tmp_path, capsys, module, flags, expe
     capsys.readouterr()
     assert bench.main([*flags, "--artifacts-dir", str(tmp_path)]) == 2
     assert expected in one_error_line(capsys)
+
+
+def test_lr_scale_in_the_state_equals_a_scaled_learning_rate():
+    """A traced lr_scale (what a vmapped LR sweep varies) is the same step as a config with that LR."""
+    import dataclasses
+
+    from flax import nnx
+
+    from nanochat import train as nc
+    from nanochat.tokenizer import load_tokenizer
+    config = nc.Config(depth=1, sequence_len=16, batch_size=2, eval_tokens=32, weight_decay=0.1)
+    loader, _ = nc.build_data(config, 0, load_tokenizer("byte"))
+    graphdef, params = nnx.split(nc.build_model(config, nc.model_config(config, loader.vocab_size), 0), nnx.Param)
+    outs = []
+    for cfg, scale in ((config, 2.0), (dataclasses.replace(config, lr=2 * config.lr), None)):
+        tx = nc.make_optimizer(cfg, params)
+        state = nc.init_state(params, tx) | ({"lr_scale": jax.numpy.float32(scale)} if scale else {})
+        step = jax.jit(nc.make_train_step(graphdef, tx, cfg))
+        for s in range(2):
+            state, _ = step(state, loader(s))
+        outs.append(state["params"])
+    for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

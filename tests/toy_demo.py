@@ -77,4 +77,4 @@ def run(config: Config, ctx) -> Results:
 
 
 DEMO = Demo(name="toy", description="toy regression for harness tests", config=Config, run=run,
-            kind="tests", topic="toy", default_max_iterations=4)
+            kind="tests", topic="toy", default_max_iterations=4, quality_metric="mse")
