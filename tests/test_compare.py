@@ -16,8 +16,9 @@ def _seeded(tmp_path, name, losses: dict, *, status="completed", demo="toy", acc
     run_dir.mkdir()
     per_seed = {str(s): {"train": {"v": {"final_loss": loss, "time_to_quality": {"reached": True, "wall_s": 2 * loss}}},
                          **({"eval_acc": acc[s]} if acc else {})} for s, loss in losses.items()}
-    (run_dir / "summary.json").write_text(json.dumps({"status": status, "error": None, "meta": {"seed": 0},
-                                                      "results": {"seeds": list(losses), "per_seed": per_seed}}))
+    (run_dir / "summary.json").write_text(json.dumps({
+        "schema_version": "mgr.telemetry.v1", "status": status, "error": None, "meta": {"seed": 0},
+        "results": {"seeds": list(losses), "per_seed": per_seed}}))
     (run_dir / "config.json").write_text(json.dumps({"demo": demo}))
     return str(run_dir)
 
@@ -71,10 +72,14 @@ def test_different_demos_and_nothing_shared_are_one_error_line(tmp_path, capsys)
     assert "different demos" in one_error_line(capsys)
     empty = tmp_path / "empty"
     empty.mkdir()
-    (empty / "summary.json").write_text(json.dumps({"status": "completed", "results": {"x": "text"}}))
+    (empty / "summary.json").write_text(json.dumps({"schema_version": "mgr.telemetry.v1", "status": "completed",
+                                                    "results": {"x": "text"}}))
     assert main(["compare", base, str(empty)]) == 2
     assert "share no numeric results" in one_error_line(capsys)
-    assert main(["compare", base, str(empty / "summary.json")]) == 2
+    assert main(["compare", base, str(empty / "summary.json")]) == 2  # the summary file stands for its run
+    assert "share no numeric results" in one_error_line(capsys)
+    (empty / "notes.txt").write_text("hello")
+    assert main(["compare", base, str(empty / "notes.txt")]) == 2
     assert "not a run directory" in one_error_line(capsys)
 
 
@@ -84,7 +89,7 @@ def test_one_row_per_metric(tmp_path, capsys):
         run_dir = tmp_path / name
         run_dir.mkdir()
         train = {"final_loss": loss, "steps": 3}
-        (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "results": {
+        (run_dir / "summary.json").write_text(json.dumps({"schema_version": "mgr.telemetry.v1", "status": "completed", "results": {
             "attention": train, "train": {"attention": train}}}))
         dirs.append(str(run_dir))
     assert main(["compare", *dirs]) == 0
