@@ -198,6 +198,19 @@ def suffix_scan(block_fn: Callable[[Any, Any], Any], carry, xs, n_active: int):
     return carry
 
 
+def value_and_half_grads(grad_fn: Callable, params, *batch):
+    """``grad_fn(params, *batch)`` (a ``jax.value_and_grad``) on the two halves of the batch (axis 0), as one
+    vmapped call: (mean loss, mean gradient, (g_a, g_b)). For mean losses the mean of the halves is the full
+    batch's loss and gradient, at the same FLOPs; the halves are what the ``snr`` relevance compares."""
+    rows = {x.shape[0] for x in batch}
+    if len(rows) != 1 or next(iter(rows)) % 2:
+        raise UserError(f"the snr relevance splits the batch in halves: need one even batch size, got {rows}")
+    halves = [x.reshape(2, x.shape[0] // 2, *x.shape[1:]) for x in batch]
+    loss_2, grads_2 = jax.vmap(grad_fn, in_axes=(None, *[0] * len(batch)))(params, *halves)
+    mean = jax.tree.map(lambda g: jnp.mean(g, axis=0), (loss_2, grads_2))
+    return mean[0], mean[1], (jax.tree.map(lambda g: g[0], grads_2), jax.tree.map(lambda g: g[1], grads_2))
+
+
 def block_relevance(grads, params, n_blocks: int, *, kind: str = "grad_ratio", updates=None, half_grads=None,
                     block_axis_path: Path = ("blocks",), eps: float = 1e-12) -> jax.Array:
     """Per-block relevance [n_blocks] from a full gradient (pure jnp, for use inside a jitted probe step).
