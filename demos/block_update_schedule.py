@@ -5,9 +5,12 @@ the same launcher budget (--max-iterations, --target-flops, or --time-budget for
 
 * ``full_update``: every step trains all L blocks.
 * ``static_suffix``: only the top --static-depth blocks, between the warm-up and the final recovery phase.
+* ``progressive``: FreezeOut-style, blocks frozen bottom-up at fixed fractions of the freezing phase, no signal:
+  the simple competitor every adaptive rule must beat.
 * ``dynamic_suffix``: ``mgr.methods.schedule.DynamicSuffix`` picks the active depth from per-block relevance
   measured on probe steps (full-depth steps that also return ``mgr.methods.partial.block_relevance`` of their
-  gradient).
+  gradient), by ``--rule`` (cumulative coverage, or plasticity: decay from each block's own peak) over
+  ``--relevance`` (grad_ratio, saliency, update -g.dW, or the half-batch gradient snr).
 
 The saving is real, not masked: the step compiled for k active blocks puts stop_gradient on the activation
 entering block L-k, so autodiff builds no backward for the frozen prefix (forward only), and the optimizer is
@@ -45,16 +48,15 @@ from flax import nnx
 
 from mgr.demo import Demo
 from mgr.errors import UserError
-from mgr.methods.partial import block_relevance, freeze_prefix_rows, suffix_labels, suffix_scan
+from mgr.methods.partial import block_relevance, freeze_prefix_rows, suffix_labels, suffix_scan, value_and_half_grads
 from mgr.plots import plot_curves
 from mgr.quality import time_to_quality
 from mgr.results import Results, Table, fmt
-from mgr.methods.schedule import DynamicSuffixConfig, Schedule, allowed_levels, make_schedule
+from mgr.methods.schedule import SCHEDULES, DynamicSuffixConfig, Schedule, allowed_levels, make_schedule
 from nanochat import train as nanochat
 from nanochat.model import rms_norm
 from nanochat.tokenizer import load_tokenizer
 
-SCHEDULES = ("full_update", "static_suffix", "dynamic_suffix")
 MODELS = ("resmlp", "nanochat")
 PROBE = "probe"  # the step-variant key of probe steps; the other keys are active depths
 RESMLP_CLASSES = 16
@@ -203,15 +205,22 @@ def resmlp_task(config: Config, nc: nanochat.Config, seed: int, train_rows: int)
     def make_step(n_active: int, relevance: str | None):
         tx = suffix_optimizer(nc, params, L, n_active)
 
+        grad_fn = jax.value_and_grad(lambda p, x_BD, y_B: cross_entropy(resmlp_logits(p, x_BD, n_active), y_B))
+
         def step(state, batch):
-            loss_fn = lambda p: cross_entropy(resmlp_logits(p, batch["x_BD"], n_active), batch["y_B"])
-            loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+            half_grads = None
+            if relevance == "snr":
+                loss, grads, half_grads = value_and_half_grads(grad_fn, state["params"], batch["x_BD"], batch["y_B"])
+            else:
+                loss, grads = grad_fn(state["params"], batch["x_BD"], batch["y_B"])
             updates, opt = tx.update(grads, state["opt"], state["params"])
             lrm = nanochat.lr_multiplier(state["step"], state["total_steps"], nc)
-            params = optax.apply_updates(state["params"], jax.tree.map(lambda u: lrm * u, updates))
+            updates = jax.tree.map(lambda u: lrm * u, updates)
+            params = optax.apply_updates(state["params"], updates)
             metrics = {"loss": loss, "lr_mult": lrm}
             if relevance is not None:
-                metrics["block_relevance"] = block_relevance(grads, state["params"], L, kind=relevance)
+                metrics["block_relevance"] = block_relevance(grads, state["params"], L, kind=relevance,
+                                                             updates=updates, half_grads=half_grads)
             return {**state, "params": params, "opt": opt, "step": state["step"] + 1}, metrics
 
         return step
@@ -219,7 +228,9 @@ def resmlp_task(config: Config, nc: nanochat.Config, seed: int, train_rows: int)
     @jax.jit
     def evaluate(params):
         logits_NC = resmlp_logits(params, x_val, L)
-        return {"val_loss": cross_entropy(logits_NC, y_val),
+        loss_N = jax.nn.logsumexp(logits_NC, axis=-1) - jnp.take_along_axis(logits_NC, y_val[:, None], -1)[:, 0]
+        # The standard error of the mean says which val-loss gaps this validation set can resolve at all.
+        return {"val_loss": jnp.mean(loss_N), "val_loss_se": jnp.std(loss_N) / loss_N.size ** 0.5,
                 "val_accuracy": jnp.mean(jnp.argmax(logits_NC, axis=-1) == y_val)}
 
     F, C = 2 * D, RESMLP_CLASSES
@@ -356,7 +367,7 @@ def run(config: Config, ctx) -> Results:
     depths = {L}
     if "static_suffix" in config.schedules:
         depths.add(static_depth)
-    if "dynamic_suffix" in config.schedules:
+    if {"dynamic_suffix", "progressive"} & set(config.schedules):
         depths.update(allowed_levels(config, L))
     variants: dict[Any, Callable] = {k: tag_step(task.make_step(k, None)) for k in sorted(depths)}
     if "dynamic_suffix" in config.schedules:

@@ -23,7 +23,7 @@ from optax.contrib import MuonDimensionNumbers
 from mgr.demo import Demo
 from mgr.errors import UserError
 from mgr.meta import peak_flops_per_s
-from mgr.methods.partial import block_relevance
+from mgr.methods.partial import block_relevance, value_and_half_grads
 from mgr.plots import plot_curves
 from mgr.results import Results, Table
 from nanochat.checkpoint import Checkpointer, read_meta, restore_arrays
@@ -133,8 +133,8 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, config: Con
                     relevance: str | None = None) -> Callable[[dict, dict], tuple[dict, dict]]:
     """Pure step over {"params","opt","step","total_steps"}; micro-batches are a lax.scan (grad accumulation).
     ``n_frozen`` leading blocks (and the embedding) sit behind stop_gradient: no backward work is done for them.
-    ``relevance`` ("grad_ratio" | "saliency") adds the per-block relevance of the gradient as the metric
-    "block_relevance" (mgr.methods.partial.block_relevance), for the probe steps of a block-update schedule."""
+    ``relevance`` (a kind of mgr.methods.partial.block_relevance) adds the per-block relevance as the metric
+    "block_relevance", for the probe steps of a block-update schedule."""
     accum = config.grad_accum
 
     def loss_of(params, x_BT, y_BT):
@@ -146,7 +146,12 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, config: Con
         x_ABT = batch["inputs_BT"].reshape(accum, -1, batch["inputs_BT"].shape[-1])
         y_ABT = batch["targets_BT"].reshape(x_ABT.shape)
         params = state["params"]
-        if accum == 1:
+        half_grads = None
+        if relevance == "snr":
+            if accum != 1:
+                raise UserError("the snr relevance needs --grad-accum 1")
+            loss, grads, half_grads = value_and_half_grads(grad_fn, params, x_ABT[0], y_ABT[0])
+        elif accum == 1:
             loss, grads = grad_fn(params, x_ABT[0], y_ABT[0])
         else:
             def micro(acc, xy):
@@ -160,10 +165,12 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, config: Con
         # An optional traced "lr_scale" multiplies every learning rate (updates are linear in them, weight decay
         # included), so runs that differ only in LR share one program: vmapped sweeps (bench.vmapped_sweep).
         scale = lrm * state["lr_scale"] if "lr_scale" in state else lrm
-        params = optax.apply_updates(params, jax.tree.map(lambda u: scale * u, updates))
+        updates = jax.tree.map(lambda u: scale * u, updates)
+        params = optax.apply_updates(params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr_mult": lrm}
         if relevance is not None:
-            metrics["block_relevance"] = block_relevance(grads, state["params"], config.depth, kind=relevance)
+            metrics["block_relevance"] = block_relevance(grads, state["params"], config.depth, kind=relevance,
+                                                         updates=updates, half_grads=half_grads)
         new_state = {**state, "params": params, "opt": opt, "step": state["step"] + 1}
         return new_state, metrics
 

@@ -178,6 +178,28 @@ def test_block_relevance_matches_numpy_for_stacked_and_per_block_layouts():
     with pytest.raises(UserError):
         block_relevance(grads, params, L, kind="norm")
 
+    # update: the first-order loss decrease of each block's applied update, clipped at zero.
+    updates = jax.tree.map(lambda g: -0.1 * g, grads)
+    updates["blocks"]["w"][1] *= -1.0  # block 1 moved uphill in w
+    want = 0.1 * g_sq
+    want[1] = max(0.0, 0.1 * (np.sum(g_b[1] ** 2) - np.sum(g_w[1] ** 2)))
+    np.testing.assert_allclose(block_relevance(grads, params, L, kind="update", updates=updates), want,
+                               rtol=1e-5, atol=1e-9)
+    # snr: cosine of the two half-batch gradients per block; equal halves give 1, opposite halves 0 (clipped).
+    other = _grads(params, 4)
+    o_w, o_b = (np.asarray(other["blocks"][k], np.float64) for k in ("w", "b"))
+    dot = np.sum(g_w * o_w, axis=(1, 2)) + np.sum(g_b * o_b, axis=1)
+    o_sq = np.sum(o_w**2, axis=(1, 2)) + np.sum(o_b**2, axis=1)
+    np.testing.assert_allclose(block_relevance(grads, params, L, kind="snr", half_grads=(grads, other)),
+                               np.maximum(dot / np.sqrt(g_sq * o_sq), 0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(block_relevance(grads, params, L, kind="snr", half_grads=(grads, grads)), 1.0,
+                               rtol=1e-5)
+    negated = jax.tree.map(jnp.negative, grads)
+    np.testing.assert_allclose(block_relevance(grads, params, L, kind="snr", half_grads=(grads, negated)), 0.0)
+    for kind in ("update", "snr"):
+        with pytest.raises(UserError, match=kind):
+            block_relevance(grads, params, L, kind=kind)
+
 
 def _mlp_loss(params, x_BD, n_active):
     h_BD = suffix_scan(lambda h, w_DD: h + jnp.tanh(h @ w_DD), x_BD + params["emb"], params["w"], n_active)

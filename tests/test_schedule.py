@@ -5,7 +5,7 @@ import pytest
 
 from mgr.errors import UserError
 from mgr.methods.schedule import (DynamicSuffix, DynamicSuffixConfig, FullUpdate, StaticSuffix, allowed_levels,
-                          make_schedule, phase_bounds, quantize_up, relevance_depth)
+                                  make_schedule, phase_bounds, plasticity_depth, quantize_up, relevance_depth)
 
 L = 8
 TOP = np.array([0, 0, 0, 0, 0, 0, 0, 1.0])  # all relevance in the top block: depth 1, quantised up to level 2
@@ -195,3 +195,64 @@ def test_bad_schedule_requests_raise_user_error():
         StaticSuffix(L, 0)
     with pytest.raises(UserError):
         DynamicSuffix(L, None, DynamicSuffixConfig())  # fractions need a total step count
+
+
+def test_plasticity_depth_freezes_the_longest_decayed_bottom_run():
+    peak = np.ones(L)
+    assert plasticity_depth(np.ones(L), peak, 0.5) == 8  # nothing decayed: train everything
+    assert plasticity_depth(np.array([0.1, 0.2, 0.4, 0.9, 1, 1, 1, 1]), peak, 0.5) == 5
+    # Block 1 still learns: only block 0 below it can be frozen (a suffix schedule freezes a prefix).
+    assert plasticity_depth(np.array([0.1, 0.8, 0.1, 0.1, 1, 1, 1, 1]), peak, 0.5) == 7
+    assert plasticity_depth(np.full(L, 0.01), peak, 0.5) == 1  # all decayed: the top block stays
+    # Relative to each block's own peak, whatever the absolute scales (nanochat's bottom blocks are the largest).
+    scales = np.array([36, 9, 8, 6, 5, 4, 3, 2.0])
+    assert plasticity_depth(scales * [0.2, 0.3, 0.3, 0.6, 1, 1, 1, 1], scales, 0.5) == 5
+    assert relevance_depth(scales * [0.2, 0.3, 0.3, 0.6, 1, 1, 1, 1], 0.9) == 8  # the cumulative rule cannot
+
+
+def test_plasticity_rule_probes_from_the_start_and_follows_decay():
+    """Bottom-up decay: blocks 0..3 fall to 20% of their peak by step 40, the top keeps learning. Freezing may
+    start at step 20; the plasticity rule probes every 10 steps from step 0 to see each block's peak."""
+    config = dataclasses.replace(BASE, rule="plasticity", decay_threshold=0.5, relevance_beta=0.0,
+                                 freeze_start_step=20)
+    decay = np.array([1, 1, 1, 1, 0, 0, 0, 0.0])
+
+    def relevance(step):
+        return 1.0 - 0.8 * decay * min(step / 40, 1.0)
+
+    sched = DynamicSuffix(L, 100, config)
+    decisions = _drive(sched, 62, relevance=relevance)
+    assert [decisions[s] for s in (0, 10)] == [(L, True), (L, True)]
+    assert decisions[1:10] == [(L, False)] * 9
+    assert decisions[21] == (L, False)  # step-20 probe: blocks at 0.6 of their peak, still learning
+    assert decisions[31] == (4, False)  # step-30 probe: blocks 0..3 at 0.4 < 0.5 of their peak: frozen
+    assert decisions[61] == (4, False)
+    assert sched.relevance_peak.tolist() == [1.0] * L
+
+
+def test_progressive_freezes_bottom_up_monotonically_through_the_levels():
+    config = dataclasses.replace(BASE, freeze_start_frac=0.2, final_full_frac=0.2, progressive_power=1.0)
+    sched = make_schedule("progressive", L, 100, config=config)
+    depths = [sched.decide(s)[0] for s in range(100)]
+    assert depths[:20] == [L] * 20 and depths[80:] == [L] * 20
+    frozen_phase = depths[20:80]
+    assert all(a >= b for a, b in zip(frozen_phase, frozen_phase[1:]))  # monotone: never thawed
+    # Block l freezes at 20 + 60 * (l+1)/8: 2 frozen from step 35 (depth 6), 4 from 50, 6 from 65, 7 from 72.5.
+    assert [depths[s] for s in (27, 34, 35, 49, 50, 64, 65, 73, 79)] == [8, 8, 6, 6, 4, 4, 2, 2, 2]
+    assert not any(p for _, _, p in sched.timeline)
+    cubic = make_schedule("progressive", L, 100, config=dataclasses.replace(config, progressive_power=3.0))
+    # ((l+1)/8)^3 of 60 steps after 20: blocks 0, 1 by step 21, 0..4 by 40 (depth 3 -> level 4), 0..5 by 60.
+    assert [cubic.decide(s)[0] for s in (21, 40, 60)] == [6, 4, 2]
+    with pytest.raises(UserError, match="progressive_power"):
+        make_schedule("progressive", L, 100, config=dataclasses.replace(config, progressive_power=0.0))
+    with pytest.raises(UserError, match="total step count"):
+        make_schedule("progressive", L, None, config=dataclasses.replace(config, freeze_start_frac=0,
+                                                                           final_full_frac=0))
+
+
+@pytest.mark.parametrize("field_name, value, match", [
+    ("rule", "bogus", "rule must be"), ("decay_threshold", 1.0, "decay_threshold"),
+    ("relevance", "norm", "relevance must be")])
+def test_rule_knobs_are_validated(field_name, value, match):
+    with pytest.raises(UserError, match=match):
+        DynamicSuffix(L, 100, dataclasses.replace(BASE, **{field_name: value}))

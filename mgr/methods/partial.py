@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import optax
 
 from mgr.errors import UserError
+from mgr.methods.schedule import RELEVANCE_KINDS
 
 Path = tuple[str, ...]
 Labels = Any  # a pytree shaped like the params with int leaves: frozen leading rows along axis 0
@@ -197,36 +198,64 @@ def suffix_scan(block_fn: Callable[[Any, Any], Any], carry, xs, n_active: int):
     return carry
 
 
-def block_relevance(grads, params, n_blocks: int, *, kind: Literal["grad_ratio", "saliency"] = "grad_ratio",
+def value_and_half_grads(grad_fn: Callable, params, *batch):
+    """``grad_fn(params, *batch)`` (a ``jax.value_and_grad``) on the two halves of the batch (axis 0), as one
+    vmapped call: (mean loss, mean gradient, (g_a, g_b)). For mean losses the mean of the halves is the full
+    batch's loss and gradient, at the same FLOPs; the halves are what the ``snr`` relevance compares."""
+    rows = {x.shape[0] for x in batch}
+    if len(rows) != 1 or next(iter(rows)) % 2:
+        raise UserError(f"the snr relevance splits the batch in halves: need one even batch size, got {rows}")
+    halves = [x.reshape(2, x.shape[0] // 2, *x.shape[1:]) for x in batch]
+    loss_2, grads_2 = jax.vmap(grad_fn, in_axes=(None, *[0] * len(batch)))(params, *halves)
+    mean = jax.tree.map(lambda g: jnp.mean(g, axis=0), (loss_2, grads_2))
+    return mean[0], mean[1], (jax.tree.map(lambda g: g[0], grads_2), jax.tree.map(lambda g: g[1], grads_2))
+
+
+def block_relevance(grads, params, n_blocks: int, *, kind: str = "grad_ratio", updates=None, half_grads=None,
                     block_axis_path: Path = ("blocks",), eps: float = 1e-12) -> jax.Array:
     """Per-block relevance [n_blocks] from a full gradient (pure jnp, for use inside a jitted probe step).
 
     ``grad_ratio``: ||g_l|| / (||W_l|| + eps), norms over all of block l's leaves together.
     ``saliency``: sum over block l of |g * W| (first-order estimate of the loss change from zeroing the block).
+    ``update``: max(0, -g_l . dW_l) with ``updates`` the step's applied update dW: the first-order loss decrease
+    this step's update of block l bought (how much the loss moves with that block's update).
+    ``snr``: max(0, cos(g_a, g_b)) per block, with ``half_grads`` = (g_a, g_b) the gradients of the two halves of
+    the batch. E[g_a . g_b] = |G|^2 while E[|g|^2] = |G|^2 + noise, so the cosine estimates the gradient's signal
+    share: near 1 while the block still descends, near 0 once its gradient is mostly minibatch noise.
     """
-    if kind not in ("grad_ratio", "saliency"):
-        raise UserError(f"relevance kind must be 'grad_ratio' or 'saliency', got {kind!r}")
-    g_sq_L = jnp.zeros((n_blocks,), jnp.float32)
-    p_sq_L = jnp.zeros((n_blocks,), jnp.float32)
-    sal_L = jnp.zeros((n_blocks,), jnp.float32)
-    found = False
-    for (keypath, g), p in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(params)):
-        slot = _block_slot(leaf_path(keypath), p, n_blocks, block_axis_path)
-        if slot is None:
-            continue
-        found = True
-        g32, p32 = g.astype(jnp.float32), p.astype(jnp.float32)
-        if slot == "stacked":
-            axes = tuple(range(1, g.ndim))
-            g_sq_L += jnp.sum(g32 * g32, axis=axes)
-            p_sq_L += jnp.sum(p32 * p32, axis=axes)
-            sal_L += jnp.sum(jnp.abs(g32 * p32), axis=axes)
-        else:
-            g_sq_L = g_sq_L.at[slot].add(jnp.sum(g32 * g32))
-            p_sq_L = p_sq_L.at[slot].add(jnp.sum(p32 * p32))
-            sal_L = sal_L.at[slot].add(jnp.sum(jnp.abs(g32 * p32)))
-    if not found:
-        raise UserError(f"no parameter under block path {'/'.join(map(str, block_axis_path))}")
+    if kind not in RELEVANCE_KINDS:
+        raise UserError(f"relevance kind must be one of {', '.join(RELEVANCE_KINDS)}, got {kind!r}")
+    if kind == "update" and updates is None:
+        raise UserError("relevance 'update' needs the step's updates")
+    if kind == "snr" and half_grads is None:
+        raise UserError("relevance 'snr' needs the gradients of the two batch halves")
+
+    def per_block(fn, *trees) -> jax.Array:
+        """sum over each block's leaves of fn(leaves...), as an [n_blocks] fp32 vector."""
+        total_L = jnp.zeros((n_blocks,), jnp.float32)
+        found = False
+        leaves = [jax.tree.leaves(t) for t in trees[1:]]
+        for i, (keypath, first) in enumerate(jax.tree_util.tree_leaves_with_path(trees[0])):
+            slot = _block_slot(leaf_path(keypath), first, n_blocks, block_axis_path)
+            if slot is None:
+                continue
+            found = True
+            value = fn(first.astype(jnp.float32), *(t[i].astype(jnp.float32) for t in leaves))
+            if slot == "stacked":
+                total_L += jnp.sum(value, axis=tuple(range(1, value.ndim)))
+            else:
+                total_L = total_L.at[slot].add(jnp.sum(value))
+        if not found:
+            raise UserError(f"no parameter under block path {'/'.join(map(str, block_axis_path))}")
+        return total_L
+
     if kind == "saliency":
-        return sal_L
-    return jnp.sqrt(g_sq_L) / (jnp.sqrt(p_sq_L) + eps)
+        return per_block(lambda g, p: jnp.abs(g * p), grads, params)
+    if kind == "update":
+        return jnp.maximum(-per_block(jnp.multiply, grads, updates), 0.0)
+    if kind == "snr":
+        g_a, g_b = half_grads
+        dot_L = per_block(jnp.multiply, g_a, g_b)
+        norms_L = jnp.sqrt(per_block(jnp.square, g_a) * per_block(jnp.square, g_b))
+        return jnp.maximum(dot_L / (norms_L + eps), 0.0)
+    return jnp.sqrt(per_block(jnp.square, grads)) / (jnp.sqrt(per_block(jnp.square, params)) + eps)

@@ -17,10 +17,21 @@ Host-side, deterministic, no JAX. Every schedule answers the same two calls:
    variation is below ``stability_cv``. Once freezing starts it stays on.
 2. Freezing. Every ``probe_every``-th step (``step % probe_every == 0``) is a probe: a full-depth step that
    refreshes the relevance of all blocks. A probe also updates every block: the full backward is paid anyway.
-   Other steps train the smallest top suffix whose cumulative relevance (top block down) reaches ``threshold``
-   of the total, clamped to ``[min_active, max_active]``, quantised UP to the next allowed level, then shifted by
-   the adaptive offset. Until any relevance has been seen the depth is the largest allowed level.
+   Other steps train the depth the ``rule`` picks from the relevance EMA, clamped to ``[min_active,
+   max_active]``, quantised UP to the next allowed level, then shifted by the adaptive offset. Until any
+   relevance has been seen the depth is the largest allowed level. Rules:
+
+   * ``cumulative``: the smallest top suffix whose relevance (top block down) reaches ``threshold`` of the
+     total. With ``grad_ratio`` this asks for full depth whenever the bottom blocks carry the largest ratios,
+     as they do in nanochat: a rule about *where* the signal is, not whether it is still changing.
+   * ``plasticity``: relevance relative to each block's own peak (its EMA's running maximum; this rule also
+     probes before freezing starts, to see the peak). The longest bottom run of blocks below
+     ``decay_threshold`` of their peak is frozen: "the top is where learning still happens" whatever the
+     blocks' absolute scales.
 3. Full updates for the last ``final_full_frac`` of ``total_steps`` (recovery).
+
+``progressive`` is the signal-free competitor (FreezeOut): blocks freeze bottom-up at fixed fractions of the
+freezing phase, monotonically, through the same levels, warm-up and recovery phases.
 
 Adaptive budget: losses of full-depth steps on the probe grid feed an EMA (``loss_beta``). At each probe the EMA is
 compared with a reference: above ``upper_factor x reference`` the depth goes up one level, below
@@ -41,6 +52,10 @@ import numpy as np
 
 from mgr.errors import UserError
 
+# Probe signals (computed on device by mgr.methods.partial.block_relevance) and the depth rules that read them.
+RELEVANCE_KINDS = ("grad_ratio", "saliency", "update", "snr")
+RULES = ("cumulative", "plasticity")
+
 
 @dataclass(frozen=True)
 class DynamicSuffixConfig:
@@ -52,7 +67,15 @@ class DynamicSuffixConfig:
     threshold: float = field(default=0.9, metadata={
         "help": "fraction of total block relevance the trained top suffix must cover"})
     relevance: str = field(default="grad_ratio", metadata={
-        "help": "probe relevance: ||g||/||W|| per block or saliency sum|g*W|", "choices": ("grad_ratio", "saliency")})
+        "help": "probe signal per block: grad_ratio ||g||/||W||, saliency sum|g*W|, update -g.dW (loss decrease "
+                "bought by the block's update), snr (cosine of the two half-batch gradients)",
+        "choices": RELEVANCE_KINDS})
+    rule: str = field(default="cumulative", metadata={
+        "help": "depth rule: cumulative (smallest top suffix holding --threshold of the total signal) or "
+                "plasticity (freeze the bottom blocks whose signal fell below --decay-threshold x its own peak)",
+        "choices": RULES})
+    decay_threshold: float = field(default=0.5, metadata={
+        "help": "plasticity rule: a block whose signal EMA is below this fraction of its peak has stopped learning"})
     relevance_beta: float = field(default=0.9, metadata={"help": "EMA factor of per-block relevance across probes"})
     probe_every: int = field(default=10, metadata={"help": "steps between full-gradient probe steps"})
     freeze_start_step: int = field(default=0, metadata={"help": "no freezing before this step"})
@@ -70,6 +93,9 @@ class DynamicSuffixConfig:
     upper_factor: float = field(default=1.05, metadata={"help": "probe-loss EMA above this x reference: one level up"})
     lower_factor: float = field(default=0.9, metadata={"help": "probe-loss EMA below this x reference: one level down"})
     final_full_frac: float = field(default=0.1, metadata={"help": "last fraction of total steps run at full depth"})
+    progressive_power: float = field(default=1.0, metadata={
+        "help": "progressive schedule: block l (bottom = 0) freezes at fraction ((l+1)/L)^power of the freezing "
+                "phase; 1 = linear, 3 = FreezeOut's cubic (bottom blocks go early)"})
 
 
 def phase_bounds(config: DynamicSuffixConfig, total_steps: int | None) -> tuple[int, int | None]:
@@ -108,6 +134,15 @@ def relevance_depth(relevance_L: np.ndarray, threshold: float) -> int:
         return len(top_down)
     reached = np.flatnonzero(top_down >= threshold * total)
     return int(reached[0]) + 1 if reached.size else len(top_down)
+
+
+def plasticity_depth(relevance_L: np.ndarray, peak_L: np.ndarray, decay_threshold: float) -> int:
+    """L minus the longest bottom run of blocks whose signal fell below ``decay_threshold`` of its own peak: a
+    suffix schedule can only freeze a prefix, so one still-learning low block keeps everything above it active."""
+    ratio_L = np.asarray(relevance_L, np.float64) / np.maximum(np.asarray(peak_L, np.float64), 1e-30)
+    learning = np.flatnonzero(ratio_L >= decay_threshold)
+    frozen = int(learning[0]) if learning.size else len(ratio_L)
+    return max(len(ratio_L) - frozen, 1)
 
 
 def quantize_up(depth: int, levels: tuple[int, ...]) -> int:
@@ -192,6 +227,7 @@ class DynamicSuffix(Schedule):
         self.freeze_start, self.full_from = phase_bounds(config, total_steps)
         self.freezing_since: int | None = None
         self.relevance_ema: np.ndarray | None = None
+        self.relevance_peak: np.ndarray | None = None
         self.probe_loss_ema: float | None = None
         self.reference: float | None = None
         self.level_offset = 0
@@ -202,7 +238,8 @@ class DynamicSuffix(Schedule):
             return self.n_blocks, False
         if self.freezing_since is None:
             if step < self.freeze_start or not self.loss_is_stable():
-                return self.n_blocks, False
+                # The plasticity rule measures decay from each block's own peak, so it probes from the start.
+                return self.n_blocks, self.config.rule == "plasticity" and step % self.config.probe_every == 0
             self.freezing_since = step
             self.reference = self.probe_loss_ema
         if step % self.config.probe_every == 0:
@@ -217,7 +254,11 @@ class DynamicSuffix(Schedule):
     def _relevance_level(self) -> int:
         if self.relevance_ema is None:
             return len(self.levels) - 1
-        return quantize_up(relevance_depth(self.relevance_ema, self.config.threshold), self.levels)
+        if self.config.rule == "plasticity":
+            depth = plasticity_depth(self.relevance_ema, self.relevance_peak, self.config.decay_threshold)
+        else:
+            depth = relevance_depth(self.relevance_ema, self.config.threshold)
+        return quantize_up(depth, self.levels)
 
     def loss_is_stable(self) -> bool:
         w = self.config.stability_window
@@ -245,6 +286,8 @@ class DynamicSuffix(Schedule):
                 raise UserError(f"block relevance must have shape ({self.n_blocks},), got {relevance_L.shape}")
             self.relevance_ema = relevance_L if self.relevance_ema is None else (
                 cfg.relevance_beta * self.relevance_ema + (1 - cfg.relevance_beta) * relevance_L)
+            self.relevance_peak = self.relevance_ema if self.relevance_peak is None else np.maximum(
+                self.relevance_peak, self.relevance_ema)
         if step % cfg.probe_every:
             return
         self.probe_loss_ema = loss if self.probe_loss_ema is None else (
@@ -271,11 +314,40 @@ class DynamicSuffix(Schedule):
                 "levels": list(self.levels)}
 
 
+class Progressive(Schedule):
+    """FreezeOut-style: blocks freeze bottom-up at fixed points of the freezing phase, no signal, never thawed
+    (until the final recovery phase). Block l of L freezes at fraction ((l+1)/L)^power of [freeze_start,
+    full_from); the depth is quantised up to the allowed levels, so it falls through them monotonically."""
+
+    name = "progressive"
+
+    def __init__(self, n_blocks: int, total_steps: int | None, config: DynamicSuffixConfig = DynamicSuffixConfig()):
+        super().__init__(n_blocks)
+        _validate(config)
+        if total_steps is None:
+            raise UserError("the progressive schedule needs a known total step count")
+        self.levels = allowed_levels(config, n_blocks)
+        self.freeze_start, self.full_from = phase_bounds(config, total_steps)
+        span = max(self.full_from - self.freeze_start, 1)
+        self.freeze_at = [self.freeze_start + span * ((l + 1) / n_blocks) ** config.progressive_power
+                          for l in range(n_blocks - 1)]
+
+    def _choose(self, step: int) -> tuple[int, bool]:
+        if step < self.freeze_start or step >= self.full_from:
+            return self.n_blocks, False
+        frozen = sum(step >= t for t in self.freeze_at)
+        return self.levels[quantize_up(self.n_blocks - frozen, self.levels)], False
+
+
 def _validate(cfg: DynamicSuffixConfig) -> None:
     checks = [
         (0 < cfg.threshold <= 1, f"threshold must be in (0, 1], got {cfg.threshold}"),
-        (cfg.relevance in ("grad_ratio", "saliency"),
-         f"relevance must be grad_ratio or saliency, got {cfg.relevance!r}"),
+        (cfg.relevance in RELEVANCE_KINDS,
+         f"relevance must be one of {', '.join(RELEVANCE_KINDS)}, got {cfg.relevance!r}"),
+        (cfg.rule in RULES, f"rule must be one of {', '.join(RULES)}, got {cfg.rule!r}"),
+        (0 < cfg.decay_threshold < 1, f"decay_threshold must be in (0, 1), got {cfg.decay_threshold}"),
+        (cfg.progressive_power > 0 and math.isfinite(cfg.progressive_power),
+         f"progressive_power must be a positive number, got {cfg.progressive_power}"),
         (0 <= cfg.relevance_beta < 1, f"relevance_beta must be in [0, 1), got {cfg.relevance_beta}"),
         (cfg.probe_every >= 1, f"probe_every must be >= 1, got {cfg.probe_every}"),
         (cfg.freeze_start_step >= 0, f"freeze_start_step must be >= 0, got {cfg.freeze_start_step}"),
@@ -294,6 +366,9 @@ def _validate(cfg: DynamicSuffixConfig) -> None:
             raise UserError(message)
 
 
+SCHEDULES = ("full_update", "static_suffix", "progressive", "dynamic_suffix")
+
+
 def make_schedule(kind: str, n_blocks: int, total_steps: int | None, *, static_depth: int | None = None,
                   config: DynamicSuffixConfig = DynamicSuffixConfig()) -> Schedule:
     """One schedule by name. ``static_suffix`` uses the dynamic config's phase bounds (warm-up and final
@@ -307,4 +382,6 @@ def make_schedule(kind: str, n_blocks: int, total_steps: int | None, *, static_d
         return StaticSuffix(n_blocks, static_depth, freeze_start=freeze_start, full_from=full_from)
     if kind == "dynamic_suffix":
         return DynamicSuffix(n_blocks, total_steps, config)
-    raise UserError(f"unknown schedule {kind!r}; choose full_update, static_suffix or dynamic_suffix")
+    if kind == "progressive":
+        return Progressive(n_blocks, total_steps, config)
+    raise UserError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
