@@ -465,4 +465,5 @@ def plot_losses(curves: dict, path) -> None:
 
 DEMO = Demo(name="matrix-gauge", description="matrix-exponential gauge mixing (Givens transports, uniformized "
             "Markov diffusion, SPD gate) vs causal softmax attention", config=Config, run=run,
-            default_max_iterations=2000, quality_metric="eval_loss")  # with the defaults both mixers reach >95% eval accuracy by then
+            # with the defaults both mixers reach >95% eval accuracy by then
+            default_max_iterations=2000, quality_metric="eval_loss")
