@@ -226,8 +226,9 @@ def _dispatch(argv: list[str]) -> int:
     show = sub.add_parser("show", help="print a run's tables again")
     show.add_argument("run_dir", help="a run directory or its summary.json")
     add_compare_flags(sub.add_parser("compare", help="compare two runs metric by metric"))
-    add_sweep_flags(sub.add_parser("sweep", allow_abbrev=False, help="run a grid/list of configurations of a demo (resumable, "
-                                                 "shardable); unknown flags are the demo's, shared by all"))
+    add_sweep_flags(sub.add_parser("sweep", allow_abbrev=False,
+                                   help="run a grid/list of configurations of a demo (resumable, shardable); "
+                                        "unknown flags are the demo's, shared by all"))
     add_report_flags(sub.add_parser("report", help="write README.md and plots for a sweep directory"))
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "sweep":

@@ -28,7 +28,7 @@ from mgr.demo import Demo
 from mgr.errors import Diverged, UserError
 from mgr.meta import run_meta
 from mgr.results import Results, Table, fmt, to_jsonable
-from mgr.stats import describe, fmt_ci, paired_difference, paired_ratio
+from mgr.stats import describe, describe_ratio, fmt_ci, paired_difference, paired_ratio
 
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM), what a scheduler or `kill` sends
@@ -159,10 +159,12 @@ def _leaves(tree: Any, prefix: str = "") -> dict[str, float]:
 
 
 def over_seeds(per_seed: dict[str, dict]) -> dict[str, dict]:
-    """Mean, std and 95% CI over seeds of every numeric result all seeds share."""
+    """Mean, std and 95% CI over seeds of every numeric result all seeds share; speedups (ratios) get the
+    geometric mean and a log-scale CI."""
     leaves = [_leaves(to_jsonable(r)) for r in per_seed.values()]
     common = set.intersection(*(set(d) for d in leaves)) if leaves else set()
-    return {k: describe([d[k] for d in leaves]) for k in sorted(common)}
+    return {k: (describe_ratio if "speedup" in k.rsplit(".", 1)[-1] else describe)([d[k] for d in leaves])
+            for k in sorted(common)}
 
 
 def _ttq(train: dict, field: str) -> float | None:

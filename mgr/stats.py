@@ -106,6 +106,17 @@ def describe(values: Sequence[float]) -> dict[str, Any]:
     return {"n": n, "mean": mean, "std": std, "ci95": ci, "min": float(arr.min()), "max": float(arr.max())}
 
 
+def describe_ratio(values: Sequence[float]) -> dict[str, Any]:
+    """Like ``describe`` for positive ratios (speedups): geometric mean, CI from the t interval of the logs, so it
+    never dips below zero; ``std`` is that of the logs."""
+    arr = _clean(values)
+    if arr.size == 0 or np.any(arr <= 0):
+        return describe(values)
+    logs = describe(np.log(arr))
+    return {**logs, "mean": math.exp(logs["mean"]), "min": float(arr.min()), "max": float(arr.max()),
+            "ci95": None if logs["ci95"] is None else [math.exp(x) for x in logs["ci95"]], "geometric": True}
+
+
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     """b - a paired by position (same seed): the mean difference and its CI, significant when the CI excludes 0."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

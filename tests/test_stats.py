@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as sp
 
-from mgr.stats import describe, fmt_ci, paired_difference, paired_ratio, t_quantile, welch_difference
+from mgr.stats import describe, describe_ratio, fmt_ci, paired_difference, paired_ratio, t_quantile, welch_difference
 
 
 @pytest.mark.parametrize("df", [1, 2, 2.5, 3, 4, 7.3, 10, 29, 200])
@@ -56,3 +56,12 @@ def test_paired_ratio_is_a_geometric_mean_with_a_log_ci():
 def test_no_significant_difference_when_the_ci_spans_zero():
     d = paired_difference([1.0, 2.0, 3.0], [1.1, 1.9, 3.05])
     assert d["ci95"][0] < 0 < d["ci95"][1] and not d["significant"]
+
+
+def test_speedups_over_seeds_are_geometric():
+    r = describe_ratio([1.2, 0.8, 3.0])
+    logs = np.log([1.2, 0.8, 3.0])
+    lo, hi = sp.t.interval(0.95, 2, loc=logs.mean(), scale=sp.sem(logs))
+    assert r["mean"] == pytest.approx(math.exp(logs.mean()))
+    assert r["ci95"] == pytest.approx([math.exp(lo), math.exp(hi)]) and r["ci95"][0] > 0
+    assert describe_ratio([-1.0, 2.0])["mean"] == 0.5  # not all positive: the plain mean

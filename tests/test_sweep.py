@@ -9,12 +9,11 @@ import sys
 import time
 
 import numpy as np
-import pytest
 from scipy import stats as sp
 
 from mgr.cli import main
 from mgr.report import build, register_columns, COLUMNS
-from mgr.sweep import expand, load_spec
+from mgr.sweep import load_spec
 from tests.conftest import REPO, one_error_line, read_json
 
 SPEC = """
