@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -58,6 +59,9 @@ _ELEMENTWISE_OPS = frozenset({
     "reduce-precision", "remainder", "round-nearest-afz", "round-nearest-even", "select", "shift-left",
     "shift-right-arithmetic", "shift-right-logical", "sign", "stochastic-convert", "subtract", "xor",
 })
+# Opcodes that move no data themselves (aliases, bookkeeping) or whose called computations are priced instead.
+_UNMOVED = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+                      "add-dependency", "domain", "while", "conditional", "call", "async-start"})
 # Custom-call targets that are bookkeeping, not compute.
 _FREE_CUSTOM_CALLS = frozenset({
     "Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape", "annotate_device_placement",
@@ -82,6 +86,9 @@ _CALLED_RE = re.compile(r"\b(calls|to_apply|body|condition|select|scatter|true_c
                         r"%?([\w.\-]+)")
 _BRANCHES_RE = re.compile(r"branch_computations=\{([^}]*)\}")
 _TARGET_RE = re.compile(r'custom_call_target="([^"]+)"')
+_BRACKET_RE = re.compile(r'[()\[\]{}"]')
+_SPLIT_RE = re.compile(r"[()\[\]{},]")
+_COMMENT_RE = re.compile(r"/\*.*?\*/")  # XLA marks every fifth tuple element with /*index=N*/
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,34 +177,34 @@ class _Inst:
 
 def _matching(text: str, start: int) -> int:
     """Index just past the bracket that closes the one at ``text[start]``, skipping quoted strings."""
-    pairs = {"(": ")", "{": "}", "[": "]"}
-    stack = []
-    i = start
-    while i < len(text):
-        ch = text[i]
-        if ch == '"':
-            i = text.index('"', i + 1) if '"' in text[i + 1:] else len(text)
-        elif ch in pairs:
-            stack.append(pairs[ch])
-        elif stack and ch == stack[-1]:
-            stack.pop()
-            if not stack:
-                return i + 1
-        i += 1
+    depth, quoted = 0, False
+    for m in _BRACKET_RE.finditer(text, start):
+        ch = m.group()
+        if quoted:
+            quoted = not (ch == '"' and text[m.start() - 1] != "\\")
+        elif ch == '"':
+            quoted = True
+        elif ch in "([{":
+            depth += 1
+        else:
+            depth -= 1
+            if depth == 0:
+                return m.end()
     return len(text)
 
 
 def _split_top(text: str) -> list[str]:
     """Split on commas outside brackets."""
     parts, depth, last = [], 0, 0
-    for i, ch in enumerate(text):
+    for m in _SPLIT_RE.finditer(text):
+        ch = m.group()
         if ch in "([{":
             depth += 1
-        elif ch in ")]}":
+        elif ch != ",":
             depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(text[last:i])
-            last = i + 1
+        elif depth == 0:
+            parts.append(text[last:m.start()])
+            last = m.end()
     parts.append(text[last:])
     return [p.strip() for p in parts if p.strip()]
 
@@ -242,7 +249,7 @@ class _Module:
             elif line.strip() == "}":
                 current = None
             else:
-                inst = _parse_inst(line)
+                inst = _parse_inst(_COMMENT_RE.sub("", line) if "/*" in line else line)
                 if inst is not None:
                     current.append(inst)
         if not self.entry and self.computations:
@@ -251,16 +258,17 @@ class _Module:
 
 # --- shapes -------------------------------------------------------------------------------------------------------
 
-def _leaves(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+@functools.lru_cache(maxsize=65536)
+def _leaves(shape: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """(dtype, dims) of every array in a (possibly nested tuple) shape."""
     shape = shape.strip()
     if shape.startswith("("):
-        return [leaf for part in _split_top(shape[1:_matching(shape, 0) - 1]) for leaf in _leaves(part)]
+        return tuple(leaf for part in _split_top(shape[1:_matching(shape, 0) - 1]) for leaf in _leaves(part))
     m = _ARRAY_RE.match(shape)
     if not m:
-        return []
+        return ()
     dims = tuple(int(d.strip().lstrip("<=")) for d in m.group(2).split(",") if d.strip())
-    return [(m.group(1), dims)]
+    return ((m.group(1), dims),)
 
 
 def _first(shape: str) -> tuple[str, tuple[int, ...]]:
@@ -276,6 +284,7 @@ def _all_elements(shape: str) -> int:
     return sum(math.prod(d) for t, d in _leaves(shape) if t != "token")
 
 
+@functools.lru_cache(maxsize=65536)
 def _bytes(shape: str) -> int:
     return sum(math.prod(d) * _DTYPE_BITS.get(t, 8) // 8 for t, d in _leaves(shape))
 
@@ -414,7 +423,8 @@ class _Pricer:
         op = inst.opcode
         operand_shapes = [shapes.get(o, "") for o in inst.operands]
         called = dict(_CALLED_RE.findall(inst.attrs))
-        memory = _bytes(inst.shape) + sum(_bytes(s) for s in operand_shapes) if top_level else 0
+        memory = (_bytes(inst.shape) + sum(_bytes(s) for s in operand_shapes)
+                  if top_level and op not in _UNMOVED else 0)
         if op in _ELEMENTWISE_OPS:
             return _Cost(flops=_elements(inst.shape), bytes=memory)
         if op in _TRANSCENDENTAL_OPS:
@@ -455,8 +465,7 @@ class _Pricer:
         if op == "custom-call":
             return self.custom_call(inst, operand_shapes) + _Cost(bytes=memory)
         if op in _FREE_OPS:
-            return _Cost(bytes=memory if op not in ("parameter", "constant", "get-tuple-element", "tuple",
-                                                    "bitcast", "after-all", "add-dependency") else 0)
+            return _Cost(bytes=memory)
         self.unknown.append(f"opcode:{op} (not priced)")
         return _Cost(bytes=memory)
 

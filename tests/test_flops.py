@@ -392,6 +392,15 @@ def test_gpu_custom_calls_priced_from_operand_shapes():
     assert r.loops == ({"computation": "body", "while": "while.1", "trip_count": 6, "runs": 1},)
 
 
+def test_long_tuples_keep_every_element():
+    # XLA prints /*index=5*/ inside tuples of six or more; the operand after it is still a real operand.
+    text = (DATA / "gpu_step.hlo").read_text().replace("dot(bf16[256,256]{1,0} %parameter_0",
+                                                       "dot(bf16[256,256]{1,0} /*index=0*/%parameter_0")
+    text = text.replace("(s32[], bf16[256,256]{1,0}, bf16[6,256,256]{2,1,0})",
+                        "(s32[], bf16[256,256]{1,0}, /*index=2*/bf16[6,256,256]{2,1,0})")
+    assert price_hlo(text) == price_hlo((DATA / "gpu_step.hlo").read_text())
+
+
 def test_unpriced_custom_call_and_opcode_are_listed():
     text = (DATA / "gpu_step.hlo").read_text()
     text = text.replace('"__cudnn$convForward"', '"__gpu$xla.gpu.triton"').replace(" add(", " mulhi(")
