@@ -6,9 +6,10 @@ The nanochat train step (AdamW, Muon, and AdamW with --grad-accum 2) is compiled
 * plain:     ``jax.jit(step, donate_argnums=0).lower(state, batch).compile()``;
 * estimator: ``mgr.flops.compile_and_count`` of the same jitted step (one compile plus pricing its optimised HLO).
 
-Each round builds a fresh step function and clears the estimator's cache, so neither side reuses a compile. The
-ratio is fastest over fastest (other load on the machine only adds time); the median ratio is printed too, and
-the estimator's own work timed alone: fingerprinting the lowered module and pricing the compiled one.
+Each compile gets a fresh step function and an empty estimator cache, so neither side reuses one; rounds alternate
+which side goes first. The ratio is fastest over fastest (other load on the machine only adds time); the median
+ratio is printed too, and the estimator's own work timed alone: fingerprinting the lowered module and pricing the
+compiled one (what the estimator adds to a compile, free of the compile's own run-to-run noise).
 """
 
 from __future__ import annotations
@@ -44,16 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, optimizer, accum in (("adamw", "adamw", 1), ("muon", "muon", 1), ("adamw accum 2", "adamw", 2)):
         config, graphdef, tx, state, batch = _setup(args.depth, optimizer, accum)
         plain, priced = [], []
-        for _ in range(args.rounds):
-            step = jax.jit(nt.make_train_step(graphdef, tx, config), donate_argnums=0)
-            t0 = time.perf_counter()
-            step.lower(state, batch).compile()
-            plain.append(time.perf_counter() - t0)
-            flops._CACHE.clear()
-            step = jax.jit(nt.make_train_step(graphdef, tx, config), donate_argnums=0)
-            t0 = time.perf_counter()
-            record, compiled = flops.compile_and_count(step, state, batch)
-            priced.append(time.perf_counter() - t0)
+        for i in range(args.rounds):
+            for side in ("plain", "estimator") if i % 2 == 0 else ("estimator", "plain"):  # neither always first
+                step = jax.jit(nt.make_train_step(graphdef, tx, config), donate_argnums=0)
+                flops._CACHE.clear()
+                t0 = time.perf_counter()
+                if side == "plain":
+                    step.lower(state, batch).compile()
+                else:
+                    record, compiled = flops.compile_and_count(step, state, batch)
+                (plain if side == "plain" else priced).append(time.perf_counter() - t0)
         lowered = step.lower(state, batch)
         t0 = time.perf_counter()
         hashlib.sha256(lowered.as_text().encode()).hexdigest()

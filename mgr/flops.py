@@ -128,7 +128,7 @@ def compile_and_count(fn: Callable, *args, **kwargs) -> tuple[FlopsRecord, Any]:
     A program compiled before (same lowered module text) is not compiled again."""
     start = time.perf_counter()
     lowered = (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args, **kwargs)
-    key = hashlib.sha256(lowered.as_text().encode()).hexdigest()
+    key = _fingerprint(lowered)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
@@ -138,6 +138,15 @@ def compile_and_count(fn: Callable, *args, **kwargs) -> tuple[FlopsRecord, Any]:
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return record, compiled
+
+
+def _fingerprint(lowered: Any) -> str:
+    """The lowered module plus what the text leaves out and the executable depends on: argument trees, and the
+    devices and shardings it is compiled for (JAX keeps those in its lowering; absent, the text alone)."""
+    args = getattr(getattr(lowered, "_lowering", None), "compile_args", {})
+    extra = (lowered.in_tree, lowered.out_tree, args.get("in_shardings"), args.get("out_shardings"),
+             args.get("backend"), args.get("device_assignment"))
+    return hashlib.sha256((lowered.as_text() + repr(extra)).encode()).hexdigest()
 
 
 def price(compiled: Any) -> FlopsRecord:
