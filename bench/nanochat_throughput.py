@@ -122,7 +122,7 @@ def run(config: Config, ctx) -> Results:
     table = Table(f"nanochat throughput, T={config.sequence_len}, batch {config.batch_size}",
                   ["depth", "params", "tokens/s", "ms/step median (p10–p90)", "TFLOP/s (est.)", "MFU",
                    "FLOPs/token analytic", "matmul FLOPs/token measured", "measured/analytic",
-                   "XLA FLOPs/token (loop-corrected)", "peak GB"], rows,
+                   "FLOPs/token (mgr.flops, all ops)", "peak GB"], rows,
                   note="analytic = 6N + 12·L·H·Dh·T; matmul measured = jaxpr walk of the compiled step; "
                        "XLA = cost analysis incl. elementwise, softmax and optimizer.")
     return Results(metrics={"depths": per_depth, "compute_dtype": dtype}, tables=[table], notes=notes)

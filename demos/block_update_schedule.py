@@ -463,8 +463,8 @@ def report(config: Config, ctx, task: Task, variant_flops: dict, step_ms: dict, 
                                              "matmul FLOPs (analytic)", "analytic ratio", "steps run",
                                              "ms/step (best, interleaved)", "time ratio"],
         depth_rows, note=f"{task.flops_formula} 'probe' is the full-depth step that also returns per-block "
-                         "relevance. FLOPs/step: XLA cost analysis of the compiled variant, loop-corrected (what the "
-                         "budget charges); matmul FLOPs (jaxpr): exact dot count of the variants that ran; ms/step: "
+                         "relevance. FLOPs/step: the compiled variant's optimised HLO priced by mgr.flops (what the "
+                         "budget charges); matmul FLOPs: exact dot count of the variants that ran; ms/step: "
                          f"fastest of {config.timing_rounds} calls of each variant, the variants called in turn "
                          "after training.")
 

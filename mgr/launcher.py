@@ -218,7 +218,7 @@ def training_table(summary: dict) -> Table | None:
     return Table("Training (same budget for every variant)",
                  ["variant", "steps", "stopped by", "final loss", "ms/step median (p10–p90)", "FLOPs/step",
                   "TFLOP/s", "peak GB"], rows,
-                 note="FLOPs/step: XLA cost analysis of the compiled step, loop-corrected (mgr.flops).")
+                 note="FLOPs/step: the compiled step's optimised HLO priced by mgr.flops (loops at their trip counts, all devices).")
 
 
 def quality_tables(summary: dict) -> list[Table]:

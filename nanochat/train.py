@@ -416,7 +416,7 @@ def _report(config, ctx, cfg, result, floor, samples) -> Results:
             ["entropy floor (bpb)", metrics["entropy_floor_bpb"]],
             ["FLOPs/token analytic (6N + 12LHDT)", analytic_per_token],
             ["matmul FLOPs/token measured (jaxpr)", matmul_per_step / tokens_per_step],
-            ["FLOPs/token measured (XLA, loop-corrected)", result.flops_per_step / tokens_per_step],
+            ["FLOPs/token measured (mgr.flops, all ops)", result.flops_per_step / tokens_per_step],
             ["tokens/s", tokens_per_second], ["TFLOP/s (estimator)", metrics["tflops_per_second_est"]],
             ["MFU", metrics["mfu"]]]
     notes = [f"samples at step {s}: {text!r}" for s, text in samples[-2:]]

@@ -249,7 +249,7 @@ def test_frozen_prefix_gets_zero_grads_suffix_unchanged(scan_layers):
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_train_step_flops_match_estimate(scan_layers):
     flops_per_token, _, _ = train_step(scan_layers=scan_layers)
-    assert flops_per_token == pytest.approx(estimate_flops(CFG), rel=0.01)
+    assert flops_per_token == estimate_flops(CFG)  # exactly 6N + 12·L·H·Dh·T
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
@@ -259,9 +259,9 @@ def test_frozen_prefix_saves_its_backward_flops(scan_layers):
     forward_block = 2 * (matmul_params(CFG) - D * V) // CFG.n_layer + 4 * H * K * T
     # frozen prefix: forward only; trainable suffix and lm_head: forward + backward = 3x.
     expected = k * forward_block + (CFG.n_layer - k) * 3 * forward_block + 6 * D * V
-    if not scan_layers:
+    if not scan_layers or CFG.n_layer - k == 1:
         # Unrolled, the first trainable block also skips dL/dx of q, k, v (its input is a constant); inside a
-        # scan the carry's cotangent is computed on every trip.
+        # scan the carry's cotangent is computed on every trip, unless the scan has one trip (XLA inlines it).
         expected -= 2 * D * (H + 2 * G) * K
     flops_per_token, _, _ = train_step(scan_layers=scan_layers, n_frozen=k)
     assert flops_per_token == expected
