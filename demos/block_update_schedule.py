@@ -50,7 +50,8 @@ from mgr.demo import Demo
 from mgr.errors import UserError
 from mgr.methods.partial import block_relevance, freeze_prefix_rows, suffix_labels, suffix_scan, value_and_half_grads
 from mgr.plots import plot_curves
-from mgr.quality import time_to_quality
+from mgr.report import register_section, tradeoff_section
+from mgr.quality import time_to_quality, value_at
 from mgr.results import Results, Table, fmt
 from mgr.methods.schedule import SCHEDULES, DynamicSuffixConfig, Schedule, allowed_levels, make_schedule
 from nanochat import train as nanochat
@@ -424,8 +425,12 @@ def report(config: Config, ctx, task: Task, variant_flops: dict, step_ms: dict, 
             for clock in ("train_s", "wall_s"):
                 e[f"speedup_to_full_final_{clock}"] = (base_q[clock] / q[clock] if q["reached"] and base_q["reached"]
                                                        and q[clock] else None)
+            # Equal time: this schedule's final val loss against full_update's at the same training seconds.
+            full_then = value_at(runs["full_update"].eval_points, "train_s", r.eval_points[-1].train_s)
+            e["gap_equal_time_pct"] = 100 * (e["val_loss"] / full_then - 1) if full_then else None
             ttq_rows.append([name, q["reached"], q["steps"], q["flops"], q["train_s"], q["wall_s"],
-                             e["speedup_to_full_final_train_s"], e["speedup_to_full_final_wall_s"]])
+                             e["speedup_to_full_final_train_s"], e["speedup_to_full_final_wall_s"],
+                             e["gap_equal_time_pct"]])
 
     rows = [[name, e["steps"], e["val_loss"], e["mean_ms_per_step"], e["speedup_ms_per_step"], e["speedup_wall"],
              e["speedup_timed_depths"], e["flops_speedup"], e["gap_vs_full_pct"], e["spent_flops"],
@@ -472,11 +477,14 @@ def report(config: Config, ctx, task: Task, variant_flops: dict, step_ms: dict, 
     if ttq_rows:
         tables.insert(1, Table(
             f"Time to full_update's final val loss ({fmt(full['val_loss'])})",
-            ["schedule", "reached", "steps", "FLOPs", "train s", "wall s", "speedup (train s)", "speedup (wall s)"],
+            ["schedule", "reached", "steps", "FLOPs", "train s", "wall s", "speedup (train s)", "speedup (wall s)",
+             "gap at equal time (%)"],
             ttq_rows, note="Interpolated between the first eval at or below the target and the one before (linear "
                            "in log-loss, mgr.quality); --eval-every sets the resolution (0: only the final eval, so "
                            "a schedule either reaches it at its end or not at all). train s: evals and compilation "
-                           "excluded; wall s: everything since the schedule started training."))
+                           "excluded; wall s: everything since the schedule started training. Gap at equal time: "
+                           "this schedule's final val loss vs full_update's at the same training seconds "
+                           "(interpolated between its evals)."))
     _plots(ctx, L, runs, drivers)
     notes = [
         "choose(step, last_metrics) sees the metrics of step-2 (step-1 right after an eval): the harness reads them "
@@ -507,3 +515,16 @@ DEMO = Demo(name="block-update-schedule",
             description="full vs static vs dynamic suffix freezing under one budget: real FLOPs and time saved",
             config=Config, run=run, check=check, kind="demos", topic="block_update_schedule",
             default_max_iterations=60)
+
+
+def _schedule_tradeoff(results: dict) -> dict[str, dict]:
+    """One seed's schedules as points of the sweep's Pareto study, each paired in-process with full_update."""
+    return {name: {"group": name, "speedup": e["speedup_timed_depths"], "gap_pct": e["gap_vs_full_pct"],
+                   "speedup_to_full_final": e.get("speedup_to_full_final_train_s"),
+                   "gap_equal_time_pct": e.get("gap_equal_time_pct"), "mean_depth": e["mean_active_depth"]}
+            for name, e in (results.get("schedules") or {}).items() if name != "full_update"}
+
+
+register_section(DEMO.name, lambda report: tradeoff_section(
+    report, _schedule_tradeoff, title="Speedup (timed depths) vs val-loss gap to full_update, over seeds",
+    reference_group="static_suffix", plot_file="schedules_tradeoff.png"))

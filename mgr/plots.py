@@ -57,3 +57,23 @@ def plot_curves(path: Path, curves: dict[str, tuple[Sequence[float], Sequence[fl
     if curves or markers:
         ax.legend()
     return save(fig, path)
+
+
+def plot_points(path: Path, groups: dict[str, list[tuple[str, float, float, tuple, tuple]]], *, xlabel: str,
+                ylabel: str, title: str = "") -> Path:
+    """Labelled points with 95% CI error bars, one colour per group: (label, x, y, (x_lo, x_hi), (y_lo, y_hi))."""
+    fig, (ax,) = figure()
+    for group, points in groups.items():
+        xs, ys = [p[1] for p in points], [p[2] for p in points]
+        xerr = [[p[1] - p[3][0] for p in points], [p[3][1] - p[1] for p in points]]
+        yerr = [[p[2] - p[4][0] for p in points], [p[4][1] - p[2] for p in points]]
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=group, markersize=4)
+        for label, x, y, *_ in points:
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if groups:
+        ax.legend()
+    return save(fig, path)

@@ -68,6 +68,15 @@ def time_to_quality(points: list[EvalPoint], target: float | None, metric: str,
     return block
 
 
+def value_at(points: list[EvalPoint], clock: str, at: float) -> float | None:
+    """The quality metric at ``at`` seconds (``clock`` "train_s" or "wall_s") of a variant's evals, interpolated
+    linearly between the evals around it: the comparison at equal time. None outside the evals' span."""
+    known = [(getattr(p, clock), p.value) for p in points if p.value is not None]
+    if not known or not known[0][0] <= at <= known[-1][0]:
+        return None
+    return float(np.interp(at, [t for t, _ in known], [v for _, v in known]))
+
+
 class LoopClock:
     """Seconds spent in each named part of a loop; ``window_host_s`` is the host time since the last read
     window, taken out of that window's step time."""

@@ -30,10 +30,10 @@ import numpy as np
 
 from mgr.artifacts import atomic_write_text, read_json
 from mgr.errors import UserError
-from mgr.plots import plot_curves
+from mgr.plots import plot_curves, plot_points
 from mgr.quality import EvalPoint, time_to_quality
 from mgr.results import Table, fmt
-from mgr.stats import describe, fmt_ci, paired_difference, paired_ratio, welch_difference
+from mgr.stats import describe, describe_ratio, fmt_ci, paired_difference, paired_ratio, welch_difference
 
 SECTIONS: dict[str, list[Callable[["Report"], str]]] = {}
 COLUMNS: dict[str, list[Callable[["RunData"], dict[str, Any]]]] = {}
@@ -320,3 +320,65 @@ def report_command(args: argparse.Namespace) -> int:
     build(sweep_dir, args.baseline, args.group_by)
     print(f"wrote {sweep_dir / 'README.md'}")
     return 0
+
+
+def tradeoff_section(report: Report, collect: Callable[[dict], dict[str, dict[str, Any]]], *, title: str,
+                     reference_group: str, plot_file: str = "tradeoff.png") -> str:
+    """A Pareto study across a sweep: every (configuration, variant) as a point of speedup vs quality gap over
+    seeds, each with its 95% CI, and which points beat ``reference_group``'s points with separated CIs.
+
+    ``collect(results_of_one_seed) -> {variant: {"group", "speedup", "gap_pct", **more}}`` reads a demo's own
+    per-seed results; the speedup and gap are the demo's, paired in-process with its reference variant. ``more``
+    are extra columns (ratios named ``*speedup*`` get geometric CIs). A point is on the front when no other point
+    has a larger-or-equal mean speedup and a smaller-or-equal mean gap (one strictly); it beats a reference point
+    when it is no worse on both means and its CI is clear of the other's on at least one axis."""
+    samples: dict[str, dict[str, list]] = {}
+    groups: dict[str, str] = {}
+    for run in report.runs:
+        if run.status != "completed":
+            continue
+        for results in run.results_per_seed().values():
+            for variant, values in collect(results).items():
+                label = f"{run.name}/{variant}"
+                groups[label] = values["group"]
+                for key, value in values.items():
+                    if key != "group":
+                        samples.setdefault(label, {}).setdefault(key, []).append(value)
+    if not samples:
+        return f"## {title}\n\nNo completed configuration yet.\n"
+    stat = {label: {k: (describe_ratio if "speedup" in k else describe)(v) for k, v in cols.items()}
+            for label, cols in samples.items()}
+    stat = {label: s for label, s in stat.items() if None not in (s["speedup"]["mean"], s["gap_pct"]["mean"])}
+
+    def ci(label, key):
+        s = stat[label][key]
+        return s["ci95"] or [s["mean"], s["mean"]]
+
+    def dominates(p, q, separated=False):
+        sp, gp, sq, gq = (stat[x][k]["mean"] for x in (p, q) for k in ("speedup", "gap_pct"))
+        if not (sp >= sq and gp <= gq and (sp > sq or gp < gq)):
+            return False
+        return not separated or ci(p, "speedup")[0] > ci(q, "speedup")[1] or ci(p, "gap_pct")[1] < ci(q, "gap_pct")[0]
+
+    labels = sorted(stat, key=lambda x: -stat[x]["speedup"]["mean"])
+    reference = [q for q in labels if groups[q] == reference_group]
+    extra = sorted({k for cols in samples.values() for k in cols} - {"speedup", "gap_pct"})
+    rows = []
+    for p in labels:
+        front = not any(dominates(q, p) for q in labels if q != p)
+        beats = [q for q in reference if q != p and dominates(p, q, separated=True)]
+        rows.append([p, groups[p], fmt_ci(stat[p]["speedup"], 3), fmt_ci(stat[p]["gap_pct"], 3),
+                     *(fmt_ci(stat[p][k], 3) for k in extra), "yes" if front else "",
+                     ", ".join(beats) if groups[p] != reference_group else ""])
+    table = Table(title, ["point", "group", "speedup", "gap %", *extra, "on front",
+                          f"beats {reference_group} (CIs separated)"], rows,
+                  note="mean [95% CI] (n seeds); speedups are geometric means with log-scale CIs.")
+    plot_points(report.sweep_dir / plot_file,
+                {g: [(p.split("/")[0], stat[p]["speedup"]["mean"], stat[p]["gap_pct"]["mean"], ci(p, "speedup"),
+                      ci(p, "gap_pct")) for p in labels if groups[p] == g] for g in dict.fromkeys(groups.values())},
+                xlabel="speedup (x)", ylabel="quality gap (%)", title=title)
+    winners = sorted({p for p, *_ in rows if groups[p] != reference_group and
+                      any(dominates(p, q, separated=True) for q in reference)})
+    verdict = (f"Above the {reference_group} front with separated CIs: {', '.join(winners)}." if winners else
+               f"No point beats a {reference_group} point with separated CIs: no rule is shown to be better.")
+    return f"{table.markdown()}\n{verdict}\n\n![{plot_file}]({plot_file})\n"
