@@ -138,7 +138,10 @@ class RunWriter:
         self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8", buffering=1)
 
     def log(self, record: dict[str, Any]) -> None:
-        self._metrics.write(json.dumps(to_jsonable(record), allow_nan=False) + "\n")
+        try:
+            self._metrics.write(json.dumps(to_jsonable(record), allow_nan=False) + "\n")
+        except OSError as e:  # a full disk: the run fails in one line and still tries to write its summary
+            raise UserError(f"cannot write {self.run_dir / 'metrics.jsonl'}: {e.strerror or e}") from None
 
     def write_json(self, name: str, obj: Any) -> None:
         atomic_write_json(self.run_dir / name, obj)

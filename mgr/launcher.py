@@ -102,11 +102,15 @@ def launch(demo: Demo, config: Any, *, budget: Budget, seed: int, artifacts_dir:
         signal.signal(signal.SIGTERM, previous_handler)
         summary = _summary(meta, budget, runs, status, error, writer,
                            {"startup_s": startup_s, "launch_wall_s": time.perf_counter() - started})
-        writer.write_json("summary.json", summary)
-        writer.write_text("run.md", render_markdown(summary))
-        writer.close()
-        if json_out is not None:
-            atomic_write_json(Path(json_out), summary)
+        try:
+            writer.write_json("summary.json", summary)
+            writer.write_text("run.md", render_markdown(summary))
+            writer.close()
+            if json_out is not None:
+                atomic_write_json(Path(json_out), summary)
+        except OSError as e:  # a full disk: one line, whatever the run's own outcome was
+            raise UserError(f"cannot write the run's record in {writer.run_dir} or --json-out: "
+                            f"{e.strerror or e}") from None
         print_summary(summary, console)
     return code, summary
 

@@ -1,8 +1,9 @@
 """Causal softmax attention behind one function with an `implementation` switch.
 
-"xla" ("standard" is its alias) is the default because it is written as two explicit einsums: the jaxpr walk of the FLOPs estimator sees
+"xla" is the default because it is written as two explicit einsums: the jaxpr walk of the FLOPs estimator sees
 QK^T and AV as dot_generals (full T x S, the PaLM/nanochat convention), and it is the only implementation that
-supports a query offset (KV-cached decoding). "jax" and "cudnn" go through `jax.nn.dot_product_attention`.
+supports a query offset (KV-cached decoding); "standard" is its alias (the earlier harness's name). "jax" and
+"cudnn" go through `jax.nn.dot_product_attention`.
 
 Shapes: B batch, T queries, S keys, H query heads, G key/value heads (GQA: H % G == 0, R = H // G), K head dim.
 """

@@ -127,3 +127,21 @@ def test_a_user_error_inside_the_run_keeps_the_summary(run_toy, capsys):
     assert code == 2
     one_error_line(capsys)
     assert read_json(run_dir / "summary.json")["status"] == "failed"
+
+
+def test_a_full_disk_while_logging_metrics_is_one_line_and_keeps_the_summary(run_toy, capsys, monkeypatch):
+    import errno
+
+    real = artifacts.to_jsonable
+
+    def full_after_two_steps(value):  # the metrics line of step 2 hits a full disk
+        if isinstance(value, dict) and "variant" in value and value.get("step", 0) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(value)
+
+    monkeypatch.setattr(artifacts, "to_jsonable", full_after_two_steps)
+    code, run_dir = run_toy("full", "--max-iterations", "4", "--variants", "cheap")
+    assert code == 2
+    assert "metrics.jsonl: No space left on device" in one_error_line(capsys)
+    s = read_json(run_dir / "summary.json")
+    assert s["status"] == "failed" and "No space left" in s["error"]

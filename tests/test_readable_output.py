@@ -12,7 +12,8 @@ from mgr.results import Table, fmt
 from tests.conftest import TOY_MODULE, read_json
 
 TABLE = Table("Training", ["variant", "ms/step median (p10–p90)", "FLOPs/step", "stopped by"],
-              [["baseline-with-a-long-name", "2.509 (2.401–2.7)", 18688, "max_iterations"], ["cheap", None, 1.5e9, "x"]],
+              [["baseline-with-a-long-name", "2.509 (2.401–2.7)", 18688, "max_iterations"],
+               ["cheap", None, 1.5e9, "x"]],
               note="FLOPs/step: measured.")
 SUMMARY = {"status": "completed", "meta": {}, "budget": {}, "results": {"tables": [TABLE.to_dict()], "notes": []}}
 
