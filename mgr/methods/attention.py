@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mgr.flops import matmul_flops
+
 IMPLEMENTATIONS = ("naive", "xla", "cudnn", "pallas-triton", "pallas-mosaic", "chunked")
 FUSED = ("cudnn", "pallas-triton", "pallas-mosaic")  # custom calls: FLOPs analytic
 BLOCK_SKIPPING = ("chunked", *FUSED)
@@ -300,7 +302,7 @@ def palm_flops(B: int, T: int, S: int, H: int, K: int, *, window: int | None = N
     """Matmul FLOPs in the nanochat/PaLM convention: full T x S_eff scores (S_eff = min(S, window)), 3x with
     the backward; what MFU tables quote, whatever a kernel skips."""
     s_eff = S if window is None else min(S, window)
-    return 4.0 * B * H * K * T * s_eff * (3 if grad else 1)
+    return 2 * matmul_flops(T, K, s_eff, batch=B * H) * (3 if grad else 1)
 
 
 def executed_flops(implementation: str, B: int, T: int, S: int, H: int, K: int, *, causal: bool,
@@ -308,10 +310,10 @@ def executed_flops(implementation: str, B: int, T: int, S: int, H: int, K: int, 
     """Matmul FLOPs the kernel executes (module docstring): dense T x S for naive/xla; visible blocks only, and a
     recomputing backward (x3.5), for chunked (at ``block``) and the fused kernels (at 128, an estimate)."""
     if implementation not in BLOCK_SKIPPING:
-        return 4.0 * B * H * K * T * S * (3 if grad else 1)
+        return 2 * matmul_flops(T, K, S, batch=B * H) * (3 if grad else 1)
     bq, bk, pairs = block_schedule(T, S, block if implementation == "chunked" else FUSED_BLOCK, causal=causal,
                                    window=window)
-    return 4.0 * B * H * K * bq * bk * len(pairs) * (3.5 if grad else 1)
+    return 2 * matmul_flops(bq, K, bk, batch=B * H * len(pairs)) * (3.5 if grad else 1)
 
 
 def flops_source(implementation: str) -> str:
