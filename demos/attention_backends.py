@@ -13,23 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from mgr.demo import Demo
 from mgr.errors import UserError
-from mgr.flops import compile_and_count
 from mgr.methods import attention as A
 from mgr.results import Results, Table
-from mgr.timing import measure
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 MASKS = ("causal", "full")
-# Relative error (max abs error / max |reference|) a kernel may make and still be recommended, by input dtype.
-DEFAULT_TOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 # `--preset gpu`: H100/H200 shapes (bf16, T 1k-16k, head dims 64 and 128, 16k tokens per call); flags the user
 # set to something other than the CPU default keep their value.
 GPU_PRESET = {"seq_lens": (1024, 2048, 4096, 8192, 16384), "batch": 0, "heads": 16, "kv_heads": 16,
@@ -51,7 +44,7 @@ class Config:
     masks: tuple[str, ...] = field(default=("causal",), metadata={"help": "masks, comma-separated: causal, full"})
     window: int | None = field(default=None, metadata={
         "help": "sliding window w (causal only): query t sees keys t-w < s <= t; none = full causal"})
-    dtype: str = field(default="float32", metadata={"help": "input dtype", "choices": tuple(DTYPES)})
+    dtype: str = field(default="float32", metadata={"help": "input dtype", "choices": DTYPES})
     implementations: tuple[str, ...] = field(default=A.IMPLEMENTATIONS, metadata={
         "help": "implementations, comma-separated: " + ", ".join(A.IMPLEMENTATIONS)})
     block: int = field(default=A.DEFAULT_BLOCK, metadata={"help": "chunked: query/key block size"})
@@ -59,7 +52,7 @@ class Config:
     warmup: int = field(default=1, metadata={"help": "untimed calls per row before timing"})
     tol: float | None = field(default=None, metadata={
         "help": "error tolerance for the recommendation, as max abs error / max |reference| of the output and of "
-                "each gradient; none = by dtype " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_TOL.items())})
+                "each gradient; none = by dtype " + ", ".join(f"{k} {v:g}" for k, v in A.DEFAULT_TOL.items())})
 
     def __post_init__(self):
         # checked here, before the launcher makes a run directory
@@ -92,118 +85,15 @@ class Config:
 _CPU_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
 
 
-@dataclass(frozen=True)
-class Shape:
-    B: int
-    T: int
-    H: int
-    G: int
-    K: int
-    causal: bool
-    window: int | None
-
-    @property
-    def label(self) -> str:
-        mask = "causal" if self.causal else "full"
-        return f"T={self.T} K={self.K} {mask}" + (f" w={self.window}" if self.window else "")
-
-
-def _kernel(name: str, shape: Shape, block: int):
-    kernel = A.KERNELS[name]
-    kw = {"block": block} if name == "chunked" else {}
-    return lambda q, k, v: kernel(q, k, v, causal=shape.causal, window=shape.window, **kw)
-
-
-def _fwd_bwd(f):
-    """Loss sum(o * do) with its gradients: the output is used (as in training), so no forward matmul is dead."""
-    def loss(q, k, v, do):
-        return jnp.sum(f(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
-    return jax.value_and_grad(loss, argnums=(0, 1, 2))
-
-
-def _inputs(shape: Shape, dtype, seed: int):
-    keys = jax.random.split(jax.random.key(seed), 4)
-    dims = [(shape.B, shape.T, shape.H, shape.K), (shape.B, shape.T, shape.G, shape.K),
-            (shape.B, shape.T, shape.G, shape.K), (shape.B, shape.T, shape.H, shape.K)]
-    return [jax.random.normal(k, d, jnp.float32).astype(dtype) for k, d in zip(keys, dims)]
-
-
-def _max_err(got, ref) -> tuple[float, float]:
-    """(max abs error, that / max |ref|) over the leaves of got vs ref."""
-    errs = [(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r))), float(jnp.max(jnp.abs(r))))
-            for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
-    return max(e for e, _ in errs), max(e / max(m, 1e-30) for e, m in errs)
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"failed: {e.__class__.__name__}: {text[0][:160] if text else ''}"
-
-
-def measure_one(name: str, shape: Shape, cfg: Config, args, ref, grad: bool) -> dict[str, Any]:
-    """One (implementation, shape, pass) row: time, FLOPs (both conventions), error vs the reference, memory."""
-    B, T, H, K = shape.B, shape.T, shape.H, shape.K
-    row = {"implementation": name, "B": B, "T": T, "H": H, "G": shape.G, "K": K, "causal": shape.causal,
-           "window": shape.window, "pass": "fwd+bwd" if grad else "fwd",
-           "palm_flops": A.palm_flops(B, T, T, H, K, window=shape.window, grad=grad),
-           "executed_flops_analytic": A.executed_flops(name, B, T, T, H, K, causal=shape.causal,
-                                                       window=shape.window, grad=grad, block=cfg.block),
-           "flops_source": A.flops_source(name)}
-    reason = A.unavailable_reason(name, T=T, S=T, H=H, G=shape.G, K=K, dtype=cfg.dtype, causal=shape.causal,
-                                  window=shape.window, grad=grad)
-    if reason is not None:
-        return {**row, "available": False, "reason": reason}
-    f = _kernel(name, shape, cfg.block)
-    fn, fn_args = (_fwd_bwd(f), args) if grad else (f, args[:3])
-    try:
-        record, compiled = compile_and_count(jax.jit(fn), *fn_args)
-        timing = measure(compiled, *fn_args, iters=cfg.iters, warmup=cfg.warmup)
-        out = compiled(*fn_args)
-    except Exception as e:  # a fused kernel that does not compile or run here (shared memory, ptxas, OOM)
-        return {**row, "available": False, "reason": _first_line(e)}
-    executed = row["executed_flops_analytic"] if name in A.FUSED else record.matmul_flops
-    got, want = (out[1], ref[1]) if grad else (out, ref[0])
-    errs = (None, None) if want is None else _max_err(got, want)
-    seconds = timing.median_ms * 1e-3
-    mem = compiled.memory_analysis()
-    return {**row, "available": True, "reason": None, **timing.to_dict(), "executed_flops": executed,
-            "mgr_flops_matmul": record.matmul_flops, "mgr_flops_unknown": list(record.unknown),
-            "tflops_palm": row["palm_flops"] / seconds / 1e12, "tflops_executed": executed / seconds / 1e12,
-            "max_abs_err": errs[0], "rel_err": errs[1],
-            "temp_mib": None if mem is None else mem.temp_size_in_bytes / 2**20}
-
-
-def reference(shape: Shape, args) -> tuple[Any, Any]:
-    """fp32 naive output and gradients at HIGHEST precision, from the (dtype-rounded) inputs upcast."""
-    args32 = [a.astype(jnp.float32) for a in args]
-    f = _kernel("naive", shape, A.DEFAULT_BLOCK)
-    with jax.default_matmul_precision("highest"):
-        out = jax.jit(f)(*args32[:3])
-        _, grads = jax.jit(_fwd_bwd(f))(*args32)
-    return (out, grads)
-
-
-def shapes(cfg: Config) -> list[Shape]:
+def problems(cfg: Config) -> list[A.Problem]:
     out = []
     for K in cfg.head_dims:
         for mask in cfg.masks:
             for T in cfg.seq_lens:
                 B = cfg.batch or max(1, TOKENS_PER_CALL // T)
-                out.append(Shape(B, T, cfg.heads, cfg.kv_heads, K, mask == "causal",
-                                 cfg.window if mask == "causal" else None))
+                out.append(A.Problem(B, T, cfg.heads, cfg.kv_heads, K, mask == "causal",
+                                     cfg.window if mask == "causal" else None, cfg.dtype))
     return out
-
-
-def recommend(rows: list[dict], tol: float) -> list[dict]:
-    """Per shape and pass: the fastest available row whose relative error is within tol."""
-    best: dict[tuple, dict] = {}
-    for r in rows:
-        if not r["available"] or r["rel_err"] is None or r["rel_err"] > tol:
-            continue
-        key = (r["T"], r["K"], r["causal"], r["window"], r["pass"])
-        if key not in best or r["median_ms"] < best[key]["median_ms"]:
-            best[key] = r
-    return list(best.values())
 
 
 def _mask(r: dict) -> str:
@@ -269,18 +159,19 @@ def _plot(rows: list[dict], path) -> None:
 
 
 def run(cfg: Config, ctx) -> Results:
-    tol = cfg.tol or DEFAULT_TOL[cfg.dtype]
+    tol = cfg.tol or A.DEFAULT_TOL[cfg.dtype]
     rows = []
-    for i, shape in enumerate(shapes(cfg)):
-        args = _inputs(shape, DTYPES[cfg.dtype], ctx.seed + i)
+    for i, problem in enumerate(problems(cfg)):
+        args = A.make_inputs(problem, ctx.seed + i)
         try:
-            ref = reference(shape, args)
+            ref = A.reference(problem, args)
         except Exception as e:  # e.g. out of memory at long T: rows still timed, errors unknown
-            ctx.log({"shape": shape.label, "reference": _first_line(e)})
+            ctx.log({"shape": problem.label, "reference": A.first_line(e)})
             ref = (None, None)
         for grad in (False, True):
-            rows += [measure_one(name, shape, cfg, args, ref, grad) for name in cfg.implementations]
-    best = recommend(rows, tol)
+            rows += [A.measure_kernel(name, problem, args, ref, grad=grad, iters=cfg.iters, warmup=cfg.warmup,
+                                      block=cfg.block) for name in cfg.implementations]
+    best = A.fastest(rows, tol)
     _plot(rows, ctx.plot_path("tflops_vs_T.png"))
     device = jax.devices()[0].device_kind
     head = f"H={cfg.heads}, G={cfg.kv_heads}, {cfg.dtype}, {device}"
@@ -288,13 +179,13 @@ def run(cfg: Config, ctx) -> Results:
             "(x3 with backward), what MFU tables quote; exec: what the kernel executes (mgr.flops for naive/xla/"
             "chunked, analytic for the fused custom calls).")
     rec_lines = []
-    for shape in shapes(cfg):
-        picks = {r["pass"]: r for r in best if (r["T"], r["K"], r["causal"], r["window"]) ==
-                 (shape.T, shape.K, shape.causal, shape.window)}
+    for problem in problems(cfg):
+        picks = {r["pass"]: r for r in best if (r["B"], r["T"], r["K"], r["causal"], r["window"]) ==
+                 (problem.B, problem.T, problem.K, problem.causal, problem.window)}
         text = ", ".join(f"{p} {picks[p]['implementation']} ({picks[p]['median_ms']:.3g} ms, "
                          f"{picks[p]['tflops_palm']:.3g} TFLOP/s PaLM)" if p in picks else f"{p} none"
                          for p in ("fwd", "fwd+bwd"))
-        rec_lines.append(f"recommended at {shape.label}: {text}")
+        rec_lines.append(f"recommended at {problem.label}: {text}")
     return Results(
         metrics={"rows": rows, "tolerance": tol, "device": device, "recommendations": [
             {k: r[k] for k in ("implementation", "pass", "B", "T", "K", "causal", "window", "median_ms",

@@ -28,15 +28,17 @@ checked against mgr.flops; the fused kernels are custom calls mgr.flops cannot s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mgr.flops import matmul_flops
+from mgr.flops import compile_and_count, matmul_flops
+from mgr.timing import measure
 
 IMPLEMENTATIONS = ("naive", "xla", "cudnn", "pallas-triton", "pallas-mosaic", "chunked")
 FUSED = ("cudnn", "pallas-triton", "pallas-mosaic")  # custom calls: FLOPs analytic
@@ -318,3 +320,119 @@ def executed_flops(implementation: str, B: int, T: int, S: int, H: int, K: int, 
 
 def flops_source(implementation: str) -> str:
     return "analytic (custom call)" if implementation in FUSED else "mgr.flops"
+
+
+# --- measuring: time, FLOPs, error and memory of one kernel on one problem --------------------------------------
+
+# Relative error (max abs error / max |reference|) a kernel may make and still be chosen, by input dtype.
+DEFAULT_TOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One attention problem: B x T x H x K queries, G kv heads, self-attention (T == S), input dtype."""
+
+    B: int
+    T: int
+    H: int
+    G: int
+    K: int
+    causal: bool
+    window: int | None
+    dtype: str
+
+    @property
+    def label(self) -> str:
+        mask = "causal" if self.causal else "full"
+        return f"T={self.T} K={self.K} {mask}" + (f" w={self.window}" if self.window else "")
+
+
+def bind(name: str, problem: Problem, block: int = DEFAULT_BLOCK):
+    """``fn(q, k, v)`` running ``name`` on this problem's mask."""
+    kernel = KERNELS[name]
+    kw = {"block": block} if name == "chunked" else {}
+    return lambda q, k, v: kernel(q, k, v, causal=problem.causal, window=problem.window, **kw)
+
+
+def loss_and_grads(f):
+    """Loss sum(o * do) with its gradients: the output is used (as in training), so no forward matmul is dead."""
+    def loss(q, k, v, do):
+        return jnp.sum(f(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))
+
+
+def make_inputs(problem: Problem, seed: int):
+    """q, k, v and an output cotangent do, ~N(0, 1), rounded to the problem's dtype."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+    dims = [(problem.B, problem.T, problem.H, problem.K), (problem.B, problem.T, problem.G, problem.K),
+            (problem.B, problem.T, problem.G, problem.K), (problem.B, problem.T, problem.H, problem.K)]
+    return [jax.random.normal(k, d, jnp.float32).astype(problem.dtype) for k, d in zip(keys, dims)]
+
+
+def max_err(got, ref) -> tuple[float, float]:
+    """(max abs error, that / max |ref|) over the leaves of got vs ref."""
+    errs = [(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r))), float(jnp.max(jnp.abs(r))))
+            for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
+    return max(e for e, _ in errs), max(e / max(m, 1e-30) for e, m in errs)
+
+
+def first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"failed: {e.__class__.__name__}: {text[0][:160] if text else ''}"
+
+
+def measure_kernel(name: str, problem: Problem, args, ref, *, grad: bool, iters: int, warmup: int,
+                   block: int = DEFAULT_BLOCK) -> dict[str, Any]:
+    """One (implementation, problem, pass) row: time, FLOPs (both conventions), error vs ``ref`` (from
+    ``reference``; (None, None): errors unknown) and XLA's compiled temp memory; or why it cannot run."""
+    B, T, H, K = problem.B, problem.T, problem.H, problem.K
+    row = {"implementation": name, "B": B, "T": T, "H": H, "G": problem.G, "K": K, "causal": problem.causal,
+           "window": problem.window, "pass": "fwd+bwd" if grad else "fwd",
+           "palm_flops": palm_flops(B, T, T, H, K, window=problem.window, grad=grad),
+           "executed_flops_analytic": executed_flops(name, B, T, T, H, K, causal=problem.causal,
+                                                     window=problem.window, grad=grad, block=block),
+           "flops_source": flops_source(name)}
+    reason = unavailable_reason(name, T=T, S=T, H=H, G=problem.G, K=K, dtype=problem.dtype,
+                                causal=problem.causal, window=problem.window, grad=grad)
+    if reason is not None:
+        return {**row, "available": False, "reason": reason}
+    f = bind(name, problem, block)
+    fn, fn_args = (loss_and_grads(f), args) if grad else (f, args[:3])
+    try:
+        record, compiled = compile_and_count(jax.jit(fn), *fn_args)
+        timing = measure(compiled, *fn_args, iters=iters, warmup=warmup)
+        out = compiled(*fn_args)
+    except Exception as e:  # a fused kernel that does not compile or run here (shared memory, ptxas, OOM)
+        return {**row, "available": False, "reason": first_line(e)}
+    executed = row["executed_flops_analytic"] if name in FUSED else record.matmul_flops
+    got, want = (out[1], ref[1]) if grad else (out, ref[0])
+    errs = (None, None) if want is None else max_err(got, want)
+    seconds = timing.median_ms * 1e-3
+    mem = compiled.memory_analysis()
+    return {**row, "available": True, "reason": None, **timing.to_dict(), "executed_flops": executed,
+            "mgr_flops_matmul": record.matmul_flops, "mgr_flops_unknown": list(record.unknown),
+            "tflops_palm": row["palm_flops"] / seconds / 1e12, "tflops_executed": executed / seconds / 1e12,
+            "max_abs_err": errs[0], "rel_err": errs[1],
+            "temp_mib": None if mem is None else mem.temp_size_in_bytes / 2**20}
+
+
+def reference(problem: Problem, args) -> tuple[Any, Any]:
+    """fp32 naive output and gradients at HIGHEST precision, from the (dtype-rounded) inputs upcast."""
+    args32 = [a.astype(jnp.float32) for a in args]
+    f = bind("naive", problem)
+    with jax.default_matmul_precision("highest"):
+        out = jax.jit(f)(*args32[:3])
+        _, grads = jax.jit(loss_and_grads(f))(*args32)
+    return out, grads
+
+
+def fastest(rows: list[dict[str, Any]], tol: float) -> list[dict[str, Any]]:
+    """Per problem and pass: the fastest available row whose relative error is within tol."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        if not r["available"] or r["rel_err"] is None or r["rel_err"] > tol:
+            continue
+        key = (r["B"], r["T"], r["K"], r["causal"], r["window"], r["pass"])
+        if key not in best or r["median_ms"] < best[key]["median_ms"]:
+            best[key] = r
+    return list(best.values())
