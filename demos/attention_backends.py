@@ -4,8 +4,8 @@ Every implementation of mgr.methods.attention (naive, xla, cudnn, pallas-triton,
 same q, k, v (B x T x H x K, GQA with G key/value heads) over a grid of sequence lengths, head dims and masks. Per
 row: median and p10-p90 ms (warm-up excluded), matmul FLOPs in two conventions (executed by this kernel, and the
 full-T² nanochat/PaLM convention MFU tables quote) and TFLOP/s in both, the max abs error of the output and of
-dq/dk/dv against the fp32 naive reference (at HIGHEST precision, from the same dtype-rounded inputs, so the error is
-the kernel's, not the input rounding's), and XLA's compiled temp memory. An implementation that cannot run a row
+dq/dk/dv against an fp32 reference (naive at HIGHEST precision; chunked fp32 at long T) from the same dtype-rounded
+inputs (so the error is the kernel's, not the input rounding's), and XLA's compiled temp memory. An implementation that cannot run a row
 (backend, dtype, shape) is a row that says why. The recommendation is the fastest row within the error tolerance.
 """
 
@@ -124,7 +124,7 @@ def _tables(rows: list[dict], head: str, note: str) -> list[Table]:
     accuracy = Table(f"attention: accuracy and memory ({head})",
                      ["shape", "impl", "exec/PaLM", "out err", "grad err", "fwd MiB", "bwd MiB"], acc_rows,
                      "exec/PaLM: executed / full-T² FLOPs (1 = dense; block skipping < 1). out err: max |o - ref|; "
-                     "grad err: max over dq, dk, dv; ref = fp32 naive at HIGHEST precision. MiB: XLA's compiled "
+                     "grad err: max over dq, dk, dv; vs the fp32 reference (notes). MiB: XLA's compiled "
                      "temp buffers of the fwd and the fwd+bwd executable.")
     reasons: dict[tuple[str, str], list[str]] = {}
     for r in rows:
@@ -192,6 +192,8 @@ def run(cfg: Config, ctx) -> Results:
                                "tflops_palm", "rel_err")} for r in best]},
         tables=_tables(rows, head, note),
         notes=[f"recommendation: the fastest row with rel err <= {tol:g} (max abs error / max |reference|).",
+               "reference: fp32 naive at HIGHEST precision; fp32 chunked where B·H·T² > "
+               f"{A.REFERENCE_DENSE_LIMIT:.3g} (the dense one would not fit).",
                *rec_lines])
 
 
