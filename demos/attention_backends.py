@@ -39,7 +39,7 @@ class Config:
         "help": "sequence lengths T, comma-separated"})
     batch: int = field(default=1, metadata={"help": f"rows per call; 0 = max(1, {TOKENS_PER_CALL} // T)"})
     heads: int = field(default=4, metadata={"help": "query heads H"})
-    kv_heads: int = field(default=2, metadata={"help": "key/value heads G (GQA; H % G == 0)"})
+    kv_heads: int = field(default=2, metadata={"help": "key/value heads G (GQA: H a multiple of G)"})
     head_dims: tuple[int, ...] = field(default=(64,), metadata={"help": "head dims K, comma-separated"})
     masks: tuple[str, ...] = field(default=("causal",), metadata={"help": "masks, comma-separated: causal, full"})
     window: int | None = field(default=None, metadata={
