@@ -9,6 +9,7 @@
 #           fwd+bwd rows say so).
 # nanochat: `python -m bench.nanochat_throughput` at depth 12, T = 1024, 20 steps, once per attention type
 #           (target: >= 40% MFU in bf16; see "MFU analytic", nanochat's 6N + 12LHDT convention).
+# Device time: kernels ~5 min, nanochat ~1-2 min per attention type: run them as two calls if time is short.
 # Results are copied flat into OUT_DIR (default $OUT, else ./gpu_attention_out): summary.json / run.md / the plot
 # per part, so they come back from a device machine (at most 8 files, shallow paths).
 set -euo pipefail
@@ -20,6 +21,8 @@ mkdir -p "$out"
 export PYTHONPATH="${PYTHONPATH:-.}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt" || true
 "$py" -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
+# the fused kernels' correctness first (seconds): a failing kernel shows here, not as a bench row only
+"$py" -m pytest -q tests/test_attention_gpu.py 2>&1 | tail -n 30 | tee "$out/gpu_tests.txt" || true
 
 if [[ "$part" == kernels || "$part" == all ]]; then
   "$py" -m mgr.cli run attention-backends --preset gpu --artifacts-dir "$art" --run-id gpu
