@@ -51,8 +51,9 @@ class Config:
 
 def build_step(config: Config, seed: int):
     """(step_fn, initial state, batch_fn over pre-built device batches) for a synthetic-data nanochat step."""
+    # attention pinned to "xla": both loops run the same step, and auto's probe would only add start-up time
     nc = nanochat.Config(depth=config.depth, sequence_len=config.sequence_len, batch_size=config.batch_size,
-                         dtype=config.dtype, eval_tokens=config.sequence_len)
+                         dtype=config.dtype, eval_tokens=config.sequence_len, attention_type="xla")
     loader, _ = nanochat.build_data(nc, seed, load_tokenizer("byte"))
     # Batches are built up front: the data pipeline is the same work in both loops and not the harness's cost.
     batches = [jax.device_put(loader(s)) for s in range(config.steps)]

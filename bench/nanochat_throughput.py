@@ -22,6 +22,7 @@ from mgr.launcher import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, launch
 from mgr.plots import plot_curves
 from mgr.results import Results, Table, fmt
 from nanochat import train as nanochat
+from nanochat.attention import CHOICES
 from nanochat.model import GPTConfig, matmul_params
 
 
@@ -33,8 +34,8 @@ class Config:
     steps: int = field(default=20, metadata={"help": "training steps per depth"})
     dtype: str = field(default="auto", metadata={"help": "compute dtype; auto = bf16 on GPU",
                                                  "choices": ("auto", "float32", "bfloat16")})
-    attention_type: str = field(default="xla", metadata={"help": "attention kernel (standard = xla)",
-                                                          "choices": ("xla", "standard", "jax", "cudnn")})
+    attention_type: str = field(default="auto", metadata={
+        "help": "attention kernel (nanochat/attention.py); auto = probed fastest correct one", "choices": CHOICES})
     scan_layers: bool = field(default=True, metadata={"help": "run the blocks as a lax.scan"})
 
 
@@ -92,6 +93,7 @@ def run(config: Config, ctx) -> Results:
         row = {
             "depth": depth, "params": params, "tokens_per_second": r["tokens_per_second"],
             "step_ms": step, "tflops_per_second_est": r["tflops_per_second_est"], "mfu": r["mfu"],
+            "mfu_analytic": r["mfu_analytic"], "attention": r["attention"]["chosen"],
             "flops_per_token_analytic": r["flops_per_token_analytic"],
             "matmul_flops_per_token_measured": r["matmul_flops_per_step_measured"] / tokens,
             "xla_flops_per_token_measured": r["flops_per_step_measured"] / tokens,
@@ -101,7 +103,8 @@ def run(config: Config, ctx) -> Results:
         per_depth[f"d{depth}"] = row
         rows.append([depth, params, row["tokens_per_second"],
                      f"{fmt(step['median_ms'])} ({fmt(step['p10_ms'])}–{fmt(step['p90_ms'])})",
-                     row["tflops_per_second_est"], row["mfu"], row["flops_per_token_analytic"],
+                     row["tflops_per_second_est"], row["mfu"], row["mfu_analytic"], row["attention"],
+                     row["flops_per_token_analytic"],
                      row["matmul_flops_per_token_measured"],
                      row["matmul_flops_per_token_measured"] / row["flops_per_token_analytic"],
                      row["xla_flops_per_token_measured"], row["peak_memory_allocated_gb"]])
@@ -121,10 +124,11 @@ def run(config: Config, ctx) -> Results:
               f"each depth's full nanochat run (losses, samples, plot): {ctx.run_dir}/runs/nanochat/d<depth>/"]
     table = Table(f"nanochat throughput, T={config.sequence_len}, batch {config.batch_size}",
                   ["depth", "params", "tokens/s", "ms/step median (p10–p90)", "TFLOP/s (est.)", "MFU",
-                   "FLOPs/token analytic", "matmul FLOPs/token measured", "measured/analytic",
-                   "FLOPs/token (mgr.flops, all ops)", "peak GB"], rows,
-                  note="analytic = 6N + 12·L·H·Dh·T; matmul measured = jaxpr walk of the compiled step; "
-                       "XLA = cost analysis incl. elementwise, softmax and optimizer.")
+                   "MFU analytic", "attention", "FLOPs/token analytic", "matmul FLOPs/token measured",
+                   "measured/analytic", "FLOPs/token (mgr.flops, all ops)", "peak GB"], rows,
+                  note="analytic = 6N + 12·L·H·Dh·T (MFU analytic uses it; MFU uses the estimator's FLOPs, which "
+                       "price cuDNN/Pallas attention analytically); matmul measured = the estimator's matmul count "
+                       "of the compiled step; mgr.flops = all ops incl. elementwise, softmax and optimizer.")
     return Results(metrics={"depths": per_depth, "compute_dtype": dtype}, tables=[table], notes=notes)
 
 

@@ -160,7 +160,8 @@ class GPT(nnx.Module):
     """`GPT(cfg, rngs=nnx.Rngs(seed))`; `model(idx_BT, n_frozen=0) -> logits_BTV` (fp32, soft-capped).
 
     mlp: MLP factory (see nanochat/mlp.py). dtype: compute dtype, "float32" or "bfloat16". scan_layers: run the
-    blocks as a lax.scan (True) or unrolled. attention: "xla" | "jax" | "cudnn" (nanochat/attention.py).
+    blocks as a lax.scan (True) or unrolled. attention: one of nanochat.attention.IMPLEMENTATIONS ("auto" is resolved
+    before a model is built: nanochat.attention.choose).
     dtype, scan_layers and attention are plain attributes: they may be reassigned on an existing model.
     """
 

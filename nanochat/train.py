@@ -27,7 +27,7 @@ from mgr.methods.partial import block_relevance, value_and_half_grads
 from mgr.plots import plot_curves
 from mgr.results import Results, Table
 from nanochat.checkpoint import Checkpointer, read_meta, restore_arrays
-from nanochat.attention import check_implementation
+from nanochat.attention import CHOICES, check_implementation, choose
 from nanochat.data import DataSpec, open_source, resolve_data
 from nanochat.data.sources import build_source
 from nanochat.data.loader import Loader
@@ -50,8 +50,9 @@ class Config:
         "help": "linear LR warm-up steps; nanochat uses none (--warmup-steps only excludes steps from timing)"})
     lr_warmdown_frac: float = field(default=0.2, metadata={"help": "final fraction of steps decaying LR linearly"})
     final_lr_frac: float = field(default=0.0, metadata={"help": "LR multiplier reached at the end of warm-down"})
-    attention_type: str = field(default="xla", metadata={"help": "attention kernel (standard = xla)",
-                                                          "choices": ("xla", "standard", "jax", "cudnn")})
+    attention_type: str = field(default="auto", metadata={
+        "help": "attention kernel (nanochat/attention.py); auto = the fastest correct one for this shape and device, "
+                "by an in-process probe (recorded in summary.json under results.attention)", "choices": CHOICES})
     dtype: str = field(default="auto", metadata={"help": "compute dtype (params stay fp32); auto = bf16 on GPU",
                                                  "choices": ("auto", "float32", "bfloat16")})
     scan_layers: bool = field(default=True, metadata={"help": "run the blocks as a lax.scan (fast compile)"})
@@ -89,9 +90,17 @@ def model_config(config: Config, vocab_size: int) -> GPTConfig:
     return GPTConfig.from_depth(config.depth, vocab_size=vocab_size, sequence_len=config.sequence_len)
 
 
+def resolve_attention(config: Config, cfg: GPTConfig) -> dict[str, Any]:
+    """The attention kernel this run uses: the explicit --attention-type, or auto's probed choice (memoised)."""
+    if config.attention_type != "auto":
+        return {"requested": config.attention_type, "chosen": config.attention_type, "source": "explicit"}
+    return choose(config.batch_size, config.sequence_len, cfg.n_head, cfg.n_kv_head, cfg.head_dim,
+                  compute_dtype(config))
+
+
 def build_model(config: Config, cfg: GPTConfig, seed: int, **model_kwargs) -> GPT:
     return GPT(cfg, rngs=nnx.Rngs(seed), dtype=compute_dtype(config), scan_layers=config.scan_layers,
-               attention=config.attention_type, **model_kwargs)
+               attention=resolve_attention(config, cfg)["chosen"], **model_kwargs)
 
 
 def _is_block_matrix(path, leaf) -> bool:
@@ -257,7 +266,8 @@ def check_config(config: Config, budget=None) -> None:
     for name in ("weight_decay", "grad_clip"):
         if not (math.isfinite(getattr(config, name)) and getattr(config, name) >= 0):
             raise UserError(f"{_flag(name)} must be a finite number >= 0, got {getattr(config, name)}")
-    check_implementation(config.attention_type)
+    if config.attention_type != "auto":
+        check_implementation(config.attention_type)
     tokenizer = load_tokenizer(config.tokenizer)
     kind, target = resolve_data(data_spec(config))
     if kind == "bin":  # memory-mapped: reading the ids' range costs one pass, and saves a doomed run
@@ -399,7 +409,13 @@ def _report(config, ctx, cfg, result, floor, samples) -> Results:
         "matmul_flops_per_step_measured": matmul_per_step,
         "tokens_per_second": tokens_per_second,
         "tflops_per_second_est": tflops_per_s,
+        "peak_flops_per_s": peak,
         "mfu": None if (peak is None or tflops_per_s is None) else tflops_per_s * 1e12 / peak,
+        # nanochat's own MFU: analytic 6N + 12LHDT FLOPs per token (full T², whatever the kernel skips or hides in
+        # custom calls the estimator cannot price, e.g. cuDNN/Pallas attention)
+        "mfu_analytic": None if (peak is None or tokens_per_second is None)
+        else analytic_per_token * tokens_per_second / peak,
+        "attention": resolve_attention(config, cfg),
         "final_loss": result.final_loss,
         "val_loss": final.get("val_loss"),
         "val_bpb": final.get("val_bpb"),
@@ -418,7 +434,8 @@ def _report(config, ctx, cfg, result, floor, samples) -> Results:
             ["matmul FLOPs/token measured (jaxpr)", matmul_per_step / tokens_per_step],
             ["FLOPs/token measured (mgr.flops, all ops)", result.flops_per_step / tokens_per_step],
             ["tokens/s", tokens_per_second], ["TFLOP/s (estimator)", metrics["tflops_per_second_est"]],
-            ["MFU", metrics["mfu"]]]
+            ["MFU (estimator FLOPs)", metrics["mfu"]], ["MFU (analytic 6N + 12LHDT)", metrics["mfu_analytic"]],
+            ["attention kernel", f"{metrics['attention']['chosen']} ({metrics['attention']['source']})"]]
     notes = [f"samples at step {s}: {text!r}" for s, text in samples[-2:]]
     if metrics["entropy_floor_bpb"] is not None and final.get("val_bpb") is not None:
         notes.append(f"val bpb is {final['val_bpb'] - metrics['entropy_floor_bpb']:.4f} above the synthetic "

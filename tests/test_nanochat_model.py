@@ -186,11 +186,12 @@ def test_gqa_attention_matches_reference():
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_gqa_model_and_attention_implementations_agree():
+@pytest.mark.parametrize("attention", ["jax", "chunked"])
+def test_gqa_model_and_attention_implementations_agree(attention):
     idx = tokens()
-    xla, jax_impl = logits_of(make(GQA_CFG), idx), logits_of(make(GQA_CFG, attention="jax"), idx)
+    xla, other = logits_of(make(GQA_CFG), idx), logits_of(make(GQA_CFG, attention=attention), idx)
     assert xla.shape == (2, 16, VOCAB)
-    np.testing.assert_allclose(xla, jax_impl, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(xla, other, rtol=1e-4, atol=1e-4)
 
 
 def test_bf16_forward_close_to_fp32():

@@ -15,8 +15,9 @@ from nanochat.checkpoint import read_meta
 from nanochat.train import main
 from tests.conftest import one_error_line, read_json, read_metrics
 
-# vocab 257 (bytes + <|bos|>), width 64, one head of 64
-TINY = ["--depth", "1", "--sequence-len", "32", "--batch-size", "4", "--eval-tokens", "256"]
+# vocab 257 (bytes + <|bos|>), width 64, one head of 64; the dense "xla" attention, whose FLOPs are the analytic
+# full-T² count (auto's probed choice is tested on its own)
+TINY = ["--depth", "1", "--sequence-len", "32", "--batch-size", "4", "--eval-tokens", "256", "--attention-type", "xla"]
 B, T, V = 4, 32, 257
 UNROLLED = ["--no-scan-layers"]
 
@@ -213,6 +214,32 @@ BAD_INPUT = {
 # Checked before the run starts: these leave no run directory. The others need the data or the arrays read.
 UP_FRONT = {"missing_data", "no_checkpoint", "garbage_checkpoint", "other_model", "past_budget", "depth_0",
             "cudnn_on_cpu"}
+
+
+def test_auto_attention_probes_and_records_its_choice(tmp_path):
+    """--attention-type auto times every kernel available here at the model's shape (fwd+bwd), keeps the fastest
+    within tolerance of the fp32 reference, and says so in summary.json; MFU fields exist (None without a peak)."""
+    code, run_dir = train(tmp_path, "auto", "--attention-type", "auto", "--max-iterations", "2")
+    assert code == 0
+    r = read_json(run_dir / "summary.json")["results"]
+    att = r["attention"]
+    assert att["requested"] == "auto" and att["source"].startswith("in-process probe")
+    assert att["shape"] == {"B": B, "T": T, "H": 1, "G": 1, "K": 64, "dtype": "float32", "window": None}
+    probe = att["probe"]
+    assert set(probe) == {"xla", "jax", "cudnn", "chunked", "pallas-triton", "pallas-mosaic"}
+    ran = {n: p for n, p in probe.items() if "fwd_bwd_ms" in p}
+    assert set(ran) == ({"xla", "jax", "chunked"} if jax.default_backend() == "cpu" else set(ran))
+    assert all(p["rel_err"] <= att["tolerance"] for p in ran.values())
+    assert att["chosen"] == min(ran, key=lambda n: ran[n]["fwd_bwd_ms"])
+    if jax.default_backend() == "cpu":
+        assert "needs a CUDA GPU" in probe["cudnn"]["unavailable"]
+        assert r["mfu_analytic"] is None and r["peak_flops_per_s"] is None
+    assert "attention kernel" in (run_dir / "run.md").read_text()
+    # an explicit kernel is recorded as such
+    code, run_dir = train(tmp_path, "chunked", "--attention-type", "chunked", "--max-iterations", "2")
+    assert code == 0
+    assert read_json(run_dir / "summary.json")["results"]["attention"] == {
+        "requested": "chunked", "chosen": "chunked", "source": "explicit"}
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)
