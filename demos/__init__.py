@@ -12,6 +12,7 @@ REGISTRY: dict[str, str] = {
     "data-aware-low-rank": "demos.data_aware_low_rank",
     "low-rank-recovery": "demos.low_rank_recovery",
     "structured-sparsity-mlp": "demos.structured_sparsity_mlp",
+    "sparse-lora": "demos.sparse_lora",
 }
 
 

@@ -106,12 +106,14 @@ def run_demo(name: str, argv: list[str], prog: str = "mgr run", command: list[st
     """`mgr run <name> ...`; also the entry point of `python -m nanochat.train`. ``command`` is what the run
     records as its command line (default: this process's sys.argv)."""
     from mgr.budget import Budget
-    from mgr.flags import add_config_flags, config_from_args
+    from mgr.flags import add_config_file_flag, add_config_flags, config_file_defaults, config_from_args
 
     demo = _resolve_demo(name)
     parser = OneLineParser(prog=f"{prog} {name}" if prog == "mgr run" else prog, description=demo.description)
     add_config_flags(parser, demo.config)
     add_run_flags(parser)
+    add_config_file_flag(parser)
+    parser.set_defaults(**config_file_defaults(parser, argv))
     args = parser.parse_args(argv)
     try:
         config = config_from_args(demo.config, args)
