@@ -276,10 +276,8 @@ class Setup:
                            "step": jnp.zeros((), jnp.int32)}
         # LoRA: adapters on the base; the base kernels become constants of the step
         lora_model = nnx.clone(model)
-        lora.add_adapters(lora_model.blocks, [TARGETS[t] for t in config.lora_targets],
-                                       rank=config.lora_rank, alpha=config.lora_alpha,
-                                       rngs=nnx.Rngs(ctx.seed + 1))
-        self.adapter_params = lora.adapter_params(lora_model)
+        lora.add_adapters(lora_model.blocks, [TARGETS[t] for t in config.lora_targets], rank=config.lora_rank,
+                          alpha=config.lora_alpha, rngs=nnx.Rngs(ctx.seed + 1))
         self.lora_graph, adapters, frozen = nnx.split(lora_model, lora.Adapter, ...)
         self.lora_tx = nanochat.make_optimizer(dataclasses.replace(nc, lr=config.lora_lr), adapters)
         self.est_by_rank = {r: estimator_state(lora_model, r) for r in {config.svd_rank, *config.sweep_ranks}}

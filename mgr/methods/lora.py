@@ -109,11 +109,6 @@ def merge_adapters(module: nnx.Module) -> nnx.Module:
     return module
 
 
-def adapter_params(module: nnx.Module) -> int:
-    """Trainable adapter parameters (stacked layers counted once per layer)."""
-    return sum(x.size for x in jax.tree.leaves(nnx.state(module, Adapter)))
-
-
 # --- the exact matmul FLOPs of a step ----------------------------------------------------------------------------
 
 def linear_step_flops(d_in: int, d_out: int, *, input_grad: bool, weight_grad: bool, rank: int = 0) -> float:
