@@ -247,6 +247,7 @@ def test_demo_end_to_end_and_warmup_runs_dense(tmp_path):
     assert (run_dir / "plots" / "break_even.png").exists()
 
 
+@pytest.mark.slow
 def test_warmup_choice_is_dense_then_sparse(tmp_path, monkeypatch):
     """The warm-up steps are the dense step's: checked on the choose function the demo hands ctx.train."""
     seen = {}
