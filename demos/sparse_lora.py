@@ -317,6 +317,12 @@ def check_shapes(config: Config, cfg: GPTConfig) -> dict[str, tuple]:
     return variants
 
 
+def phase(warm: int | None):
+    """``choose`` for ctx.train: the dense step for the first ``warm`` steps, then the sparse one (None: dense only;
+    under a time-only budget ``warm`` is resolved against dense LoRA's step count, as it trains first)."""
+    return lambda step, last: "dense" if warm is None or step < warm else "sparse"
+
+
 def interleaved_ms(calls: dict[str, tuple[Any, dict, dict]], rounds: int) -> dict[str, Timing]:
     """ms per call of every (executable, state, batch), called in turn ``rounds`` times after one untimed call each,
     so load that changes over time hits every step alike. The executables donate their state, which is threaded."""
@@ -353,12 +359,10 @@ def run(config: Config, ctx) -> Results:
         fns = {"dense": dense} if steps[name] is dense or all(k is None for k in plan) else \
             {"dense": dense, "sparse": steps[name]}
         total = planned if planned is not None else runs["lora"].steps
-        warm = math.ceil(config.sparse_warmup_ratio * total) if "sparse" in fns else total
+        warm = math.ceil(config.sparse_warmup_ratio * total) if "sparse" in fns else None
         # Every variant syncs per step (a choose function), so no variant's step times read differently.
         runs[name] = ctx.train(name, fns, kinds[kind][2], setup.train,
-                               eval_fn=lambda st, kind=kind: setup.evaluate(kind, st),
-                               choose=lambda step, last, fns=fns, warm=warm: "sparse" if "sparse" in fns and
-                               step >= warm else "dense")
+                               eval_fn=lambda st, kind=kind: setup.evaluate(kind, st), choose=phase(warm))
 
     calls = {name: (ctx.compile(steps[name], kinds[kind][2], batch0)[0], kinds[kind][2], batch0)
              for name, (kind, _, _) in variants.items()}

@@ -247,6 +247,12 @@ def test_demo_end_to_end_and_warmup_runs_dense(tmp_path):
     assert (run_dir / "plots" / "break_even.png").exists()
 
 
+def test_warmup_phase_is_dense_then_sparse():
+    assert [sl.phase(3)(i, None) for i in range(6)] == ["dense"] * 3 + ["sparse"] * 3
+    assert [sl.phase(None)(i, None) for i in range(4)] == ["dense"] * 4
+    assert [sl.phase(0)(i, None) for i in range(2)] == ["sparse"] * 2
+
+
 @pytest.mark.slow
 def test_warmup_choice_is_dense_then_sparse(tmp_path, monkeypatch):
     """The warm-up steps are the dense step's: checked on the choose function the demo hands ctx.train."""
