@@ -13,6 +13,7 @@ REGISTRY: dict[str, str] = {
     "low-rank-recovery": "demos.low_rank_recovery",
     "structured-sparsity-mlp": "demos.structured_sparsity_mlp",
     "attention-backends": "demos.attention_backends",
+    "sparse-lora": "demos.sparse_lora",
 }
 
 

@@ -149,13 +149,15 @@ def _resolve_demo(name: str):
 def parse_demo_args(name: str, argv: list[str], prog: str = "mgr run"):
     """(demo, config, args, budget) of a `mgr run <name> ...` command line, every value checked."""
     import dataclasses
-    from mgr.flags import add_config_flags, config_from_args
+    from mgr.flags import add_config_file_flag, add_config_flags, config_file_defaults, config_from_args
 
     demo = _resolve_demo(name)
     parser = OneLineParser(prog=f"{prog} {name}" if prog == "mgr run" else prog, description=demo.description)
     add_config_flags(parser, demo.config)
     # A demo with its own seeds option (matrix-gauge vmaps them in one step) keeps it; the others get --seeds.
     add_run_flags(parser, seeds="seeds" not in {f.name for f in dataclasses.fields(demo.config)})
+    add_config_file_flag(parser)
+    parser.set_defaults(**config_file_defaults(parser, argv))
     args = parser.parse_args(argv)
     try:
         config = config_from_args(demo.config, args)
