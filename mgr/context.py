@@ -24,6 +24,7 @@ from mgr.artifacts import RunWriter
 from mgr.budget import Budget, BudgetTracker
 from mgr.errors import Diverged
 from mgr.flops import FlopsRecord, compile_and_count
+from mgr.mesh import DeviceMesh, devices_of
 from mgr.meta import peak_memory_gb
 from mgr.timing import Timing
 
@@ -47,6 +48,8 @@ class TrainResult:
     variant_steps: dict[str, int]
     final_metrics: dict
     flops_records: dict[str, FlopsRecord]
+    devices: int = 1  # of the mesh; FLOPs are global (all devices), per-device figures divide by this
+
 
     @property
     def final_loss(self) -> Any:
@@ -59,6 +62,11 @@ class TrainResult:
             return None
         return (self.spent_flops / self.steps) / (self.step_ms.median_ms * 1e-3) / 1e12
 
+    @property
+    def tflops_per_s_per_device(self) -> float | None:
+        """What MFU divides by one device's peak: every device runs the same SPMD program."""
+        return None if self.tflops_per_s is None else self.tflops_per_s / self.devices
+
     def summary(self) -> dict[str, Any]:
         return {
             "steps": self.steps,
@@ -69,6 +77,10 @@ class TrainResult:
             "spent_flops": self.spent_flops,
             "step_ms": self.step_ms.to_dict(),
             "tflops_per_s": self.tflops_per_s,
+            "devices": self.devices,
+            "flops_per_step_per_device": (self.spent_flops / self.steps if self.steps else self.flops_per_step)
+            / self.devices,
+            "tflops_per_s_per_device": self.tflops_per_s_per_device,
             "wall_s": self.wall_s,
             "variant_steps": self.variant_steps,
             "flops": {k: r.to_dict() for k, r in self.flops_records.items()},
@@ -89,8 +101,11 @@ def _copy_tree(tree: Any) -> Any:
 
 
 class RunContext:
-    def __init__(self, *, seed: int, budget: Budget, writer: RunWriter, console: Console | None = None):
+    def __init__(self, *, seed: int, budget: Budget, writer: RunWriter, console: Console | None = None,
+                 mesh: DeviceMesh | None = None):
         self.seed = seed
+        # None: one device, and the loop is exactly the single-device one (mgr.mesh).
+        self.mesh = mesh
         self.rng = jax.random.key(seed)
         self.budget = budget
         self.writer = writer
@@ -119,7 +134,10 @@ class RunContext:
         leaves, treedef = jax.tree.flatten((state, batch))
         key = (id(fn), treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
         if key not in self._executables:
-            record, exe = compile_and_count(jax.jit(fn, donate_argnums=0), state, batch)
+            if self.mesh is None:
+                record, exe = compile_and_count(jax.jit(fn, donate_argnums=0), state, batch)
+            else:  # mgr.mesh: explicit in/out shardings, state donated, global FLOPs
+                record, exe = self.mesh.compile_and_count(fn, state, batch)
             self._executables[key] = (fn, exe, record)
         _, exe, record = self._executables[key]
         return exe, record
@@ -153,6 +171,10 @@ class RunContext:
             return compiled[key]
 
         state = _copy_tree(state)
+        if self.mesh is not None:  # mgr.mesh: state and every batch onto the mesh (one device: untouched)
+            state = self.mesh.put_state(state)
+            feed = batch_fn
+            batch_fn = lambda s: self.mesh.put_batch(feed(s))  # noqa: E731
         first_key = choose(start_step, None) if choose else None
         batch = batch_fn(start_step)
         _, first_record = executable(first_key, state, batch)
@@ -256,7 +278,8 @@ class RunContext:
                 flops_per_step=first_record.flops, spent_flops=tracker.spent_flops,
                 step_ms=_step_times(windows), wall_s=wall, losses=losses, evals=evals,
                 variant_steps=variant_steps, final_metrics=last or {},
-                flops_records={name if k is None else str(k): r for k, (_, r) in compiled.items()})
+                flops_records={name if k is None else str(k): r for k, (_, r) in compiled.items()},
+                devices=devices_of(self.mesh))
             self.train_summaries[name] = {**result.summary(), "peak_memory_gb": peak_memory_gb()}
         return result
 

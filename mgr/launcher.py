@@ -15,6 +15,7 @@ from mgr.budget import Budget, combine_records
 from mgr.context import RunContext
 from mgr.demo import Demo
 from mgr.errors import Diverged, UserError
+from mgr.mesh import DeviceMesh, ScratchWriter, describe, is_writer
 from mgr.meta import run_meta
 from mgr.results import Results, Table, fmt, to_jsonable
 
@@ -27,15 +28,15 @@ def _raise_interrupt(signum, frame):
 
 def launch(demo: Demo, config: Any, *, budget: Budget, seed: int, artifacts_dir: str, run_id: str,
            kind: str | None = None, topic: str | None = None, argv: list[str] | None = None,
-           console: Console | None = None) -> tuple[int, dict]:
+           console: Console | None = None, mesh: DeviceMesh | None = None) -> tuple[int, dict]:
     """Run ``demo`` and write its run directory. Returns (exit code, summary)."""
     console = console or Console()
     budget = budget.or_default(demo.default_iterations(config))
     kind, topic = kind or demo.kind, topic or demo.default_topic
-    writer = RunWriter(artifacts_dir, kind, topic, run_id)
+    writer = (RunWriter if is_writer() else ScratchWriter)(artifacts_dir, kind, topic, run_id)  # mgr.mesh
     writer.write_json("config.json", {"demo": demo.name, "config": config, "seed": seed, "budget": budget.to_dict()})
-    meta = run_meta(run_id=run_id, kind=kind, topic=topic, argv=argv or [], seed=seed)
-    ctx = RunContext(seed=seed, budget=budget, writer=writer)
+    meta = {**run_meta(run_id=run_id, kind=kind, topic=topic, argv=argv or [], seed=seed), "mesh": describe(mesh)}
+    ctx = RunContext(seed=seed, budget=budget, writer=writer, mesh=mesh)
     status, error, results, code = "completed", None, Results(), 0
     previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -56,7 +57,8 @@ def launch(demo: Demo, config: Any, *, budget: Budget, seed: int, artifacts_dir:
         writer.write_json("summary.json", summary)
         writer.write_text("run.md", render_markdown(summary))
         writer.close()
-        print_summary(summary, console)
+        if is_writer():
+            print_summary(summary, console)
     return code, summary
 
 
@@ -116,11 +118,18 @@ def _header_lines(summary: dict) -> list[tuple[str, str]]:
          + (f" ({summary['error'].splitlines()[0]})" if summary.get("error") else "")),
         ("command", meta.get("command", "")),
         ("device", f"{device.get('device_kind', '?')} ({device.get('platform', '?')})"),
+        *([("mesh", _mesh_line(meta["mesh"]))] if meta.get("mesh", {}).get("devices", 1) > 1 else []),
         ("budget", _budget_line(summary.get("budget", {}))),
         ("seed", str(meta.get("seed"))),
         ("git", f"{(git.get('commit') or '?')[:12]}{' (dirty)' if git.get('dirty') else ''}"),
         ("run dir", summary.get("run_dir", "")),
     ]
+
+
+def _mesh_line(mesh: dict) -> str:
+    layout = "FSDP (params and optimizer state sharded)" if mesh.get("fsdp") else "data parallel (replicated)"
+    return (f"data={mesh.get('devices')}, {layout}, {mesh.get('processes')} process(es); FLOPs are global, "
+            f"per device = global / {mesh.get('devices')}")
 
 
 def render_markdown(summary: dict) -> str:
