@@ -143,16 +143,18 @@ class DeviceMesh:
             return jax.tree.map(lambda _: self.replicated, state)
         return jax.tree.map(lambda x: NamedSharding(self.mesh, fsdp_spec(np.shape(x), self.devices)), state)
 
-    def batch_shardings(self, batch: Any, axis: int = 0) -> Any:
-        spec = P(*(None,) * axis, AXIS)
+    def along(self, axis: int) -> NamedSharding:
+        """Split along ``data`` on ``axis`` (the batch axis), replicated on the others."""
+        return NamedSharding(self.mesh, P(*(None,) * axis, AXIS))
 
+    def batch_shardings(self, batch: Any, axis: int = 0) -> Any:
         def one(x):
             shape = np.shape(x)
             if len(shape) <= axis or shape[axis] % self.devices:
                 raise UserError(f"a batch array of shape {shape} does not split over the mesh's {AXIS}="
                                 f"{self.devices} devices along axis {axis}; use a batch size divisible by "
                                 f"{self.devices}")
-            return NamedSharding(self.mesh, spec)
+            return self.along(axis)
         return jax.tree.map(one, batch)
 
     def require_divisible(self, value: int, flag: str) -> None:
@@ -185,12 +187,14 @@ class DeviceMesh:
         state_sh = self.state_shardings(state)
         jitted = jax.jit(fn, in_shardings=(state_sh, self.batch_shardings(batch)),
                          out_shardings=(state_sh, self.replicated), donate_argnums=0)
-        record, exe = compile_and_count(jitted, state, batch)
+        # Traced from shapes alone: the shardings are explicit, and host values may not carry any across processes.
+        abstract = _abstract((state, batch))
+        record, exe = compile_and_count(jitted, *abstract)
         if not hasattr(record, "devices"):
             # The estimator before v2 (issue 8) mixes units on a sharded program (XLA's count is per device, its
             # scan correction global), so the same step is priced unsharded, i.e. globally. Replicated work
             # (a data-parallel optimizer update) is then counted once, not once per device.
-            record = count_flops(fn, *_abstract((state, batch)))
+            record = count_flops(fn, *abstract)
         return record, exe
 
 
