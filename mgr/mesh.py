@@ -59,7 +59,7 @@ def init_distributed(environ: dict[str, str] | None = None) -> bool:
         jax.distributed.initialize(coordinator_address=env["MGR_COORDINATOR"], num_processes=n, process_id=rank)
         return True
     # srun sets these for every task of a step; JAX reads the coordinator, count and rank from SLURM itself.
-    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_STEP_ID" in env:
+    if int(env.get("SLURM_NTASKS") or 1) > 1 and "SLURM_JOB_ID" in env and "SLURM_STEP_NODELIST" in env:
         jax.distributed.initialize()
         return True
     return False
