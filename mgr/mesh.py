@@ -136,7 +136,6 @@ class DeviceMesh:
         self.mesh, self.fsdp = mesh, fsdp
         self.devices = mesh.size
         self.replicated = NamedSharding(mesh, P())
-        self.rows = NamedSharding(mesh, P(AXIS))
 
     def state_shardings(self, state: Any) -> Any:
         if not self.fsdp:
@@ -177,8 +176,9 @@ class DeviceMesh:
         return self.put(batch, self.batch_shardings(batch, axis))
 
     def process_rows(self, rows: int) -> slice:
-        """The rows of a global batch of ``rows`` that this process's devices hold (all of them, one process)."""
-        held = [idx[0] for idx in self.rows.addressable_devices_indices_map((rows,)).values()]
+        """The rows of a global batch of ``rows`` that this process's devices hold (all of them, one process);
+        contiguous, as the mesh orders devices by process."""
+        held = [idx[0] for idx in self.along(0).addressable_devices_indices_map((rows,)).values()]
         return slice(min(s.start or 0 for s in held), max(rows if s.stop is None else s.stop for s in held))
 
     def compile_and_count(self, fn: Callable, state: Any, batch: Any) -> tuple[FlopsRecord, Any]:
