@@ -63,7 +63,7 @@ def train_depth(config: Config, depth: int, ctx) -> dict:
     nc = nanochat_config(config, depth)
     code, summary = launch(nanochat.DEMO, nc, budget=ctx.budget, seed=ctx.seed, artifacts_dir=str(ctx.run_dir),
                            run_id=f"d{depth}", kind="runs", topic="nanochat", argv=command(nc, ctx.budget, ctx.seed),
-                           console=Console(quiet=True))
+                           console=Console(quiet=True), mesh=ctx.mesh)
     if code == EXIT_TERMINATED:
         raise Terminated(f"depth {depth} terminated")
     if code == EXIT_INTERRUPTED:

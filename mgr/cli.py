@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from mgr.errors import UserError
+from mgr.mesh import parse_mesh
 
 DEVICES = ("auto", "cpu", "gpu")
 
@@ -112,16 +113,31 @@ def add_run_flags(parser: argparse.ArgumentParser, *, budget: bool = True, warmu
     r.add_argument("--device", choices=DEVICES, default="auto", help="JAX platform (default: auto)")
     r.add_argument("--json-out", metavar="PATH",
                    help="also write the run's summary.json to PATH (its directory is created)")
+    r.add_argument("--mesh", type=parse_mesh, metavar="data=N",
+                   help="devices the global batch is split over (default: all devices of the platform, across "
+                        "processes; 1 device runs the single-device loop)")
+    r.add_argument("--fsdp", action="store_true",
+                   help="shard parameters and optimizer state along the data axis (default: replicate them)")
 
 
 def launch_from_args(demo, config, args: argparse.Namespace, budget, command: list[str]) -> int:
-    """Launch with the run flags of ``add_run_flags``: device first, so nothing is written for a missing one."""
+    """Launch with the run flags of ``add_run_flags``: processes joined, then device and mesh, so nothing is
+    written for a missing one."""
+    import jax
+
     from mgr.artifacts import default_run_id
     from mgr.launcher import launch
+    from mgr.mesh import agree, init_distributed, make_mesh
+    init_distributed()
     select_device(args.device)
+    mesh = make_mesh(args.mesh, args.fsdp)
+    if budget.time_budget is not None and jax.process_count() > 1:
+        # Each process would stop on its own clock, at different steps, and the collectives would hang.
+        raise UserError("--time-budget is not supported across processes; use --max-iterations or --target-flops")
     code, _ = launch(demo, config, budget=budget, seed=args.seed, artifacts_dir=args.artifacts_dir,
-                     run_id=args.run_id or default_run_id(), kind=args.artifacts_kind, topic=args.artifacts_topic,
-                     argv=command, json_out=args.json_out, seeds=getattr(args, "seeds", ()))
+                     run_id=agree(args.run_id or default_run_id()), kind=args.artifacts_kind,
+                     topic=args.artifacts_topic, argv=command, json_out=args.json_out,
+                     seeds=getattr(args, "seeds", ()), mesh=mesh)
     return code
 
 
@@ -150,7 +166,9 @@ def parse_demo_args(name: str, argv: list[str], prog: str = "mgr run"):
     """(demo, config, args, budget) of a `mgr run <name> ...` command line, every value checked."""
     import dataclasses
     from mgr.flags import add_config_file_flag, add_config_flags, config_file_defaults, config_from_args
+    from mgr.mesh import init_distributed
 
+    init_distributed()  # before a demo's import could create a JAX backend
     demo = _resolve_demo(name)
     parser = OneLineParser(prog=f"{prog} {name}" if prog == "mgr run" else prog, description=demo.description)
     add_config_flags(parser, demo.config)

@@ -28,6 +28,7 @@ from mgr.artifacts import RunWriter
 from mgr.budget import Budget, BudgetTracker
 from mgr.errors import Diverged, UserError
 from mgr.flops import FlopsRecord, price
+from mgr.mesh import DeviceMesh, devices_of
 from mgr.meta import peak_memory_gb
 from mgr.quality import EvalPoint, LoopClock, decomposition, time_to_quality
 from mgr.timing import Timing
@@ -55,6 +56,7 @@ class TrainResult:
     eval_points: list[EvalPoint] = dataclasses.field(default_factory=list)
     time_to_quality: dict | None = None
     decomposition: dict | None = None
+    devices: int = 1  # of the mesh; FLOPs are global (all devices), per-device figures divide by this
 
     @property
     def final_loss(self) -> Any:
@@ -67,6 +69,11 @@ class TrainResult:
             return None
         return (self.spent_flops / self.steps) / (self.step_ms.median_ms * 1e-3) / 1e12
 
+    @property
+    def tflops_per_s_per_device(self) -> float | None:
+        """What MFU divides by one device's peak: every device runs the same SPMD program."""
+        return None if self.tflops_per_s is None else self.tflops_per_s / self.devices
+
     def summary(self) -> dict[str, Any]:
         return {
             "steps": self.steps,
@@ -77,6 +84,10 @@ class TrainResult:
             "spent_flops": self.spent_flops,
             "step_ms": self.step_ms.to_dict(),
             "tflops_per_s": self.tflops_per_s,
+            "devices": self.devices,
+            "flops_per_step_per_device": (self.spent_flops / self.steps if self.steps else self.flops_per_step)
+            / self.devices,
+            "tflops_per_s_per_device": self.tflops_per_s_per_device,
             "wall_s": self.wall_s,
             "variant_steps": self.variant_steps,
             "flops": {k: r.to_dict() for k, r in self.flops_records.items()},
@@ -116,8 +127,11 @@ class PlanOnly(Exception):
 
 class RunContext:
     def __init__(self, *, seed: int, budget: Budget, writer: RunWriter, console: Console | None = None,
-                 quality_metric: str = "val_loss", plot_prefix: str = "", log_extra: dict | None = None):
+                 quality_metric: str = "val_loss", plot_prefix: str = "", log_extra: dict | None = None,
+                 mesh: DeviceMesh | None = None):
         self.seed = seed
+        # None: one device, and the loop is exactly the single-device one (mgr.mesh).
+        self.mesh = mesh
         self.rng = jax.random.key(seed)
         self.budget = budget
         self.writer = writer
@@ -166,11 +180,15 @@ class RunContext:
         leaves, treedef = jax.tree.flatten((state, batch))
         key = (id(fn), treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
         if key not in self._executables:
-            # mgr.flops.compile_and_count in two timed parts: compilation, then pricing, for the decomposition.
+            # Compilation, then pricing, timed apart for the decomposition.
             t0 = time.perf_counter()
-            exe = jax.jit(fn, donate_argnums=0).lower(state, batch).compile()
-            t1 = time.perf_counter()
-            record = dataclasses.replace(price(exe), compile_s=t1 - t0)
+            if self.mesh is None:
+                exe = jax.jit(fn, donate_argnums=0).lower(state, batch).compile()
+                t1 = time.perf_counter()
+                record = dataclasses.replace(price(exe), compile_s=t1 - t0)
+            else:  # mgr.mesh: explicit in/out shardings, state donated, global FLOPs (pricing inside compile_s)
+                record, exe = self.mesh.compile_and_count(fn, state, batch)
+                t1 = time.perf_counter()
             t2 = time.perf_counter()
             self._executables[key] = _Executable(fn, exe, record, t1 - t0, t2 - t1, t2)
         return self._executables[key]
@@ -224,6 +242,10 @@ class RunContext:
                 return batch_fn(at_step)
 
         state = _copy_tree(state)
+        if self.mesh is not None:  # mgr.mesh: state and every batch onto the mesh (one device: untouched)
+            state = self.mesh.put_state(state)
+            feed = batch_fn
+            batch_fn = lambda s: self.mesh.put_batch(feed(s))  # noqa: E731
         first_key = choose(start_step, None) if choose else None
         batch = next_batch(start_step)
         _, first_record = executable(first_key, state, batch)
@@ -356,7 +378,8 @@ class RunContext:
                 decomposition=decomposition(
                     steps=tracker.steps - start_step, spent_flops=tracker.spent_flops - start_step * first_record.flops,
                     step_samples_ms=step_ms.samples_ms, wall_s=time.perf_counter() - entered + compiled_before_s,
-                    overheads=clock.buckets, required_flops=ttq["flops"] if ttq and ttq["reached"] else None))
+                    overheads=clock.buckets, required_flops=ttq["flops"] if ttq and ttq["reached"] else None),
+                devices=devices_of(self.mesh))
             self.train_summaries[name] = {**result.summary(), "peak_memory_gb": peak_memory_gb()}
         return result
 

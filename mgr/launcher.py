@@ -26,6 +26,8 @@ from mgr.budget import Budget, combine_records
 from mgr.context import RunContext
 from mgr.demo import Demo
 from mgr.errors import Diverged, UserError
+from mgr.mesh import DeviceMesh, ScratchWriter, is_writer
+from mgr.mesh import describe as describe_mesh
 from mgr.meta import run_meta
 from mgr.results import Results, Table, fmt, to_jsonable
 from mgr.stats import describe, describe_ratio, fmt_ci, paired_difference, paired_ratio
@@ -52,9 +54,9 @@ def check_seed(seed: Any, flag: str = "--seed") -> None:
 def launch(demo: Demo, config: Any, *, budget: Budget, seed: int, artifacts_dir: str, run_id: str,
            kind: str | None = None, topic: str | None = None, argv: list[str] | None = None,
            console: Console | None = None, json_out: str | None = None,
-           seeds: tuple[int, ...] = ()) -> tuple[int, dict]:
+           seeds: tuple[int, ...] = (), mesh: DeviceMesh | None = None) -> tuple[int, dict]:
     """Run ``demo`` (once per seed of ``seeds`` when given, else with ``seed``) and write its run directory (and
-    the summary to ``json_out`` too). Returns (exit code, summary).
+    the summary to ``json_out`` too); on a ``mesh`` only process 0 writes (mgr.mesh). Returns (exit code, summary).
 
     Everything that can be checked without running (seed, budget, the demo's config, where files go) is checked
     before the run directory exists; from then on whatever happens ends in a summary."""
@@ -71,8 +73,9 @@ def launch(demo: Demo, config: Any, *, budget: Budget, seed: int, artifacts_dir:
     seeds = tuple(seeds) or (seed,)
     for s in seeds:
         check_seed(s, "--seeds" if len(seeds) > 1 else "--seed")
-    writer = RunWriter(artifacts_dir, kind, topic, run_id)
-    meta = {"run_id": run_id, "kind": kind, "topic": topic, "argv": argv or [], "seed": seeds[0]}
+    writer = (RunWriter if is_writer() else ScratchWriter)(artifacts_dir, kind, topic, run_id)  # mgr.mesh
+    meta = {"run_id": run_id, "kind": kind, "topic": topic, "argv": argv or [], "seed": seeds[0],
+            "mesh": describe_mesh(mesh)}
     runs: list[tuple[int, RunContext, Results]] = []
     status, error, code = "completed", None, 0
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -80,10 +83,12 @@ def launch(demo: Demo, config: Any, *, budget: Budget, seed: int, artifacts_dir:
     try:
         writer.write_json("config.json", {"demo": demo.name, "config": config, "seed": seeds[0],
                                           "seeds": list(seeds) if several else None, "budget": budget.to_dict()})
-        meta = run_meta(run_id=run_id, kind=kind, topic=topic, argv=argv or [], seed=seeds[0])
+        meta = {**run_meta(run_id=run_id, kind=kind, topic=topic, argv=argv or [], seed=seeds[0]),
+                "mesh": describe_mesh(mesh)}
         for s in seeds:
             ctx = RunContext(seed=s, budget=budget, writer=writer, quality_metric=demo.quality_metric,
-                             plot_prefix=f"seed{s}_" if several else "", log_extra={"seed": s} if several else None)
+                             plot_prefix=f"seed{s}_" if several else "", log_extra={"seed": s} if several else None,
+                             mesh=mesh)
             runs.append((s, ctx, Results()))
             runs[-1] = (s, ctx, demo.run(config, ctx))
     except KeyboardInterrupt as e:
@@ -106,12 +111,13 @@ def launch(demo: Demo, config: Any, *, budget: Budget, seed: int, artifacts_dir:
             writer.write_json("summary.json", summary)
             writer.write_text("run.md", render_markdown(summary))
             writer.close()
-            if json_out is not None:
+            if json_out is not None and is_writer():
                 atomic_write_json(Path(json_out), summary)
         except OSError as e:  # a full disk: one line, whatever the run's own outcome was
             raise UserError(f"cannot write the run's record in {writer.run_dir} or --json-out: "
                             f"{e.strerror or e}") from None
-        print_summary(summary, console)
+        if is_writer():
+            print_summary(summary, console)
     return code, summary
 
 
@@ -303,11 +309,18 @@ def _header_lines(summary: dict) -> list[tuple[str, str]]:
          + (f" ({summary['error'].splitlines()[0]})" if summary.get("error") else "")),
         ("command", meta.get("command", "")),
         ("device", f"{device.get('device_kind', '?')} ({device.get('platform', '?')})"),
+        *([("mesh", _mesh_line(meta["mesh"]))] if meta.get("mesh", {}).get("devices", 1) > 1 else []),
         ("budget", _budget_line(summary.get("budget", {}))),
         ("seed", str(meta.get("seed"))),
         ("git", f"{(git.get('commit') or '?')[:12]}{' (dirty)' if git.get('dirty') else ''}"),
         ("run dir", summary.get("run_dir", "")),
     ]
+
+
+def _mesh_line(mesh: dict) -> str:
+    layout = "FSDP (params and optimizer state sharded)" if mesh.get("fsdp") else "data parallel (replicated)"
+    return (f"data={mesh.get('devices')}, {layout}, {mesh.get('processes')} process(es); FLOPs are global, "
+            f"per device = global / {mesh.get('devices')}")
 
 
 def render_markdown(summary: dict) -> str:

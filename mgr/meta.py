@@ -57,7 +57,7 @@ def peak_flops_per_s(dtype: str) -> float | None:
 def peak_memory_gb() -> float | None:
     """Peak device memory allocated so far, where the backend reports it (GPU does; CPU does not)."""
     import jax
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}  # another process's devices report nothing here
     peak = stats.get("peak_bytes_in_use")
     return None if peak is None else peak / 2**30
 

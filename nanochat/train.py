@@ -22,6 +22,7 @@ from optax.contrib import MuonDimensionNumbers
 
 from mgr.demo import Demo
 from mgr.errors import UserError
+from mgr.mesh import DeviceMesh
 from mgr.meta import peak_flops_per_s
 from mgr.methods.partial import block_relevance, value_and_half_grads
 from mgr.plots import plot_curves
@@ -139,11 +140,13 @@ def init_state(params: Any, tx: optax.GradientTransformation) -> dict[str, Any]:
 
 
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, config: Config, *, n_frozen: int = 0,
-                    relevance: str | None = None) -> Callable[[dict, dict], tuple[dict, dict]]:
+                    relevance: str | None = None, mesh: DeviceMesh | None = None
+                    ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """Pure step over {"params","opt","step","total_steps"}; micro-batches are a lax.scan (grad accumulation).
     ``n_frozen`` leading blocks (and the embedding) sit behind stop_gradient: no backward work is done for them.
     ``relevance`` (a kind of mgr.methods.partial.block_relevance) adds the per-block relevance as the metric
-    "block_relevance", for the probe steps of a block-update schedule."""
+    "block_relevance", for the probe steps of a block-update schedule.
+    On a ``mesh``, every micro-batch is split over the devices (not whole micro-batches per device)."""
     accum = config.grad_accum
 
     def loss_of(params, x_BT, y_BT):
@@ -154,6 +157,8 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, config: Con
     def step(state, batch):
         x_ABT = batch["inputs_BT"].reshape(accum, -1, batch["inputs_BT"].shape[-1])
         y_ABT = batch["targets_BT"].reshape(x_ABT.shape)
+        if mesh is not None and accum > 1:
+            x_ABT, y_ABT = (jax.lax.with_sharding_constraint(a, mesh.along(1)) for a in (x_ABT, y_ABT))
         params = state["params"]
         half_grads = None
         if relevance == "snr":
@@ -186,10 +191,11 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, config: Con
     return step
 
 
-def make_eval(graphdef: Any, val: dict[str, np.ndarray]) -> Callable[[dict], dict]:
-    """Val loss (nats/token) and, where byte lengths are known, bits per byte over fixed validation batches."""
+def make_eval(graphdef: Any, val: dict[str, np.ndarray], mesh: DeviceMesh | None = None) -> Callable[[dict], dict]:
+    """Val loss (nats/token) and, where byte lengths are known, bits per byte over fixed validation batches
+    (on a ``mesh``, each batch split over the devices)."""
     with_bytes = "target_bytes_BT" in val
-    val = {k: jnp.asarray(v) for k, v in val.items()}
+    val = {k: jnp.asarray(v) for k, v in val.items()} if mesh is None else mesh.put_batch(val, axis=1)
 
     @jax.jit
     def evaluate(params, val):
@@ -231,11 +237,15 @@ def check_token_ids(source, tokenizer, config: Config) -> None:
                         "tokenizer.json, or GPT-2's vocab.json + merges.txt) or --tokenizer byte to train on ids")
 
 
-def build_data(config: Config, seed: int, tokenizer) -> tuple[Loader, dict[str, np.ndarray]]:
+def build_data(config: Config, seed: int, tokenizer, mesh: DeviceMesh | None = None
+               ) -> tuple[Loader, dict[str, np.ndarray]]:
+    """The train loader (on a mesh of several processes, each fills only the rows its devices hold) and the
+    fixed validation batches."""
     source = open_source(data_spec(config), seed=seed % 2**64, row_len=config.sequence_len + 1)
     check_token_ids(source, tokenizer, config)
-    train = Loader(source, tokenizer, seq_len=config.sequence_len, batch_size=config.batch_size * config.grad_accum,
-                   seed=seed, split="train")
+    rows = config.batch_size * config.grad_accum
+    train = Loader(source, tokenizer, seq_len=config.sequence_len, batch_size=rows, seed=seed, split="train",
+                   fill=None if mesh is None or jax.process_count() == 1 else mesh.process_rows(rows))
     val_loader = Loader(source, tokenizer, seq_len=config.sequence_len, batch_size=config.batch_size, seed=seed,
                         split="val")
     n_batches = max(1, math.ceil(config.eval_tokens / (config.batch_size * config.sequence_len)))
@@ -328,8 +338,10 @@ def _sample(graphdef, params, tokenizer, prompt: np.ndarray, n: int, seed: int) 
 
 
 def run(config: Config, ctx) -> Results:
+    if ctx.mesh is not None:
+        ctx.mesh.require_divisible(config.batch_size, "--batch-size")
     tokenizer = load_tokenizer(config.tokenizer)
-    train, val = build_data(config, ctx.seed, tokenizer)
+    train, val = build_data(config, ctx.seed, tokenizer, ctx.mesh)
     cfg = model_config(config, config.vocab_size or train.vocab_size)
     notes = []
     if train.vocab_size > tokenizer.vocab_size:
@@ -340,11 +352,13 @@ def run(config: Config, ctx) -> Results:
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(config, params)
     state = init_state(params, tx)
+    if ctx.mesh is not None:  # restore straight into the mesh's layout, whatever layout wrote the checkpoint
+        state = ctx.mesh.put_state(state)
     start_step = 0
     if config.resume:
         state, start_step, resume_notes = _resume(config, cfg, state, train, ctx)
         notes += resume_notes
-    step_fn = make_train_step(graphdef, tx, config)
+    step_fn = make_train_step(graphdef, tx, config, mesh=ctx.mesh)
 
     plan = ctx.plan(step_fn, state, train(start_step))
     if plan.max_steps is not None and plan.max_steps <= start_step:
@@ -372,7 +386,7 @@ def run(config: Config, ctx) -> Results:
     if config.sample_every:
         hooks.append((config.sample_every, sample_hook))
     try:
-        result = ctx.train("nanochat", step_fn, state, train, eval_fn=make_eval(graphdef, val),
+        result = ctx.train("nanochat", step_fn, state, train, eval_fn=make_eval(graphdef, val, ctx.mesh),
                            eval_every=config.eval_every, start_step=start_step, hooks=tuple(hooks),
                            on_interrupt=save if checkpointer else None)
         # result.steps counts the resumed steps too: it is the step number reached.
@@ -394,7 +408,9 @@ def _report(config, ctx, cfg, result, floor, samples) -> Results:
     matmul_per_step = result.flops_records["nanochat"].matmul_flops
     step_s = result.step_ms.median_ms / 1e3
     tokens_per_second = tokens_per_step / step_s if step_s > 0 else None
-    tflops_per_s = result.tflops_per_s
+    devices = result.devices
+    # MFU: one device's share of the (global) FLOPs against one device's peak.
+    device_tflops_per_s = result.tflops_per_s_per_device
     peak = peak_flops_per_s(compute_dtype(config))
     val_series = [(s, e.get("val_bpb"), e.get("val_loss")) for s, e in result.evals]
     final = result.evals[-1][1] if result.evals else {}
@@ -406,15 +422,19 @@ def _report(config, ctx, cfg, result, floor, samples) -> Results:
         "flops_per_token_analytic": analytic_per_token,
         "flops_per_step_analytic": analytic_per_token * tokens_per_step,
         "flops_per_step_measured": result.flops_per_step,
+        "flops_per_step_measured_per_device": result.flops_per_step / devices,
+        "devices": devices,
         "matmul_flops_per_step_measured": matmul_per_step,
         "tokens_per_second": tokens_per_second,
-        "tflops_per_second_est": tflops_per_s,
+        "tokens_per_second_per_device": None if tokens_per_second is None else tokens_per_second / devices,
+        "tflops_per_second_est": result.tflops_per_s,
+        "tflops_per_second_per_device_est": device_tflops_per_s,
         "peak_flops_per_s": peak,
-        "mfu": None if (peak is None or tflops_per_s is None) else tflops_per_s * 1e12 / peak,
+        "mfu": None if (peak is None or device_tflops_per_s is None) else device_tflops_per_s * 1e12 / peak,
         # nanochat's own MFU: analytic 6N + 12LHDT FLOPs per token (full T², whatever the kernel skips or hides in
-        # custom calls the estimator cannot price, e.g. cuDNN/Pallas attention)
+        # custom calls the estimator cannot price, e.g. cuDNN/Pallas attention), per device
         "mfu_analytic": None if (peak is None or tokens_per_second is None)
-        else analytic_per_token * tokens_per_second / peak,
+        else analytic_per_token * tokens_per_second / devices / peak,
         "attention": resolve_attention(config, cfg),
         "final_loss": result.final_loss,
         "val_loss": final.get("val_loss"),
@@ -434,8 +454,13 @@ def _report(config, ctx, cfg, result, floor, samples) -> Results:
             ["matmul FLOPs/token measured (jaxpr)", matmul_per_step / tokens_per_step],
             ["FLOPs/token measured (mgr.flops, all ops)", result.flops_per_step / tokens_per_step],
             ["tokens/s", tokens_per_second], ["TFLOP/s (estimator)", metrics["tflops_per_second_est"]],
-            ["MFU (estimator FLOPs)", metrics["mfu"]], ["MFU (analytic 6N + 12LHDT)", metrics["mfu_analytic"]],
+            ["MFU (estimator FLOPs, per device)", metrics["mfu"]],
+            ["MFU (analytic 6N + 12LHDT, per device)", metrics["mfu_analytic"]],
             ["attention kernel", f"{metrics['attention']['chosen']} ({metrics['attention']['source']})"]]
+    if devices > 1:
+        rows[-1:-1] = [["devices (mesh data axis)", devices],
+                       ["tokens/s per device", metrics["tokens_per_second_per_device"]],
+                       ["TFLOP/s per device (estimator)", device_tflops_per_s]]
     notes = [f"samples at step {s}: {text!r}" for s, text in samples[-2:]]
     if metrics["entropy_floor_bpb"] is not None and final.get("val_bpb") is not None:
         notes.append(f"val bpb is {final['val_bpb'] - metrics['entropy_floor_bpb']:.4f} above the synthetic "

@@ -34,13 +34,17 @@ class Tokenizer(Protocol):
 
 class Loader:
     def __init__(self, source: Source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
-                 split: str):
+                 split: str, fill: slice | None = None):
+        """``fill``: the rows of each batch this process copies out (one of several processes, mgr.mesh); the
+        others stay zero, as only other processes' devices read them. Every process walks the same global order,
+        so a batch does not depend on how many processes share it."""
         if split not in SPLITS:
             raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         if seq_len < 1 or batch_size < 1:
             raise UserError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
         self.source, self.tokenizer, self.split = source, tokenizer, split
         self.seq_len, self.batch_size = seq_len, batch_size
+        self.fill = slice(0, batch_size) if fill is None else fill
         self.row_len = seq_len + 1
         self.seed = seed % 2**64  # numpy seed sequences take non-negative ints only
         self._n_units = source.num_units(split)  # None: endless (synthetic)
@@ -67,7 +71,7 @@ class Loader:
     def next_batch(self) -> dict[str, np.ndarray]:
         """{"inputs_BT", "targets_BT"} int32 [batch_size, seq_len]; val adds "target_bytes_BT" (UTF-8 bytes of each
         target, 0 for special tokens) unless the data is pre-tokenised."""
-        rows = np.empty((self.batch_size, self.row_len), np.int32)
+        rows = np.zeros((self.batch_size, self.row_len), np.int32)
         self._take_rows(rows)
         self.batches += 1
         batch = {"inputs_BT": np.ascontiguousarray(rows[:, :-1]), "targets_BT": np.ascontiguousarray(rows[:, 1:])}
@@ -115,7 +119,9 @@ class Loader:
             rows = self._unit_rows(self._epoch, self._unit)
             take = min(self.batch_size - filled, len(rows) - self._row)
             if out is not None:
-                out[filled:filled + take] = rows[self._row:self._row + take]
+                lo, hi = max(filled, self.fill.start), min(filled + take, self.fill.stop)
+                if lo < hi:
+                    out[lo:hi] = rows[self._row + lo - filled:self._row + hi - filled]
             filled += take
             self._row += take
             if self._row >= len(rows):
