@@ -23,6 +23,7 @@ from optax.contrib import MuonDimensionNumbers
 from mgr.demo import Demo
 from mgr.errors import UserError
 from mgr.meta import peak_flops_per_s
+from mgr.methods.banded import banded_mlp, mlp_bands, params_from_dense
 from mgr.methods.partial import block_relevance
 from mgr.plots import plot_curves
 from mgr.results import Results, Table
@@ -68,6 +69,16 @@ class Config:
     checkpoint_every: int = field(default=0, metadata={"help": "steps between orbax checkpoints (0: none)"})
     resume: str | None = field(default=None, metadata={
         "help": "continue from a run directory's newest checkpoint, or from one step: RUN_DIR/checkpoints/STEP"})
+    fc1_bandwidth: int = field(default=0, metadata={
+        "help": "banded FC1 (C -> 4C): band width along 4C, density bandwidth/4C (mgr/methods/banded.py); 0 dense"})
+    fc2_bandwidth: int = field(default=0, metadata={
+        "help": "banded FC2 (4C -> C), the same band transposed; 0 dense"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "start from the parameters of a checkpoint (e.g. an --init-only run; a dense one converts to "
+                "banded by keeping its band); fresh optimizer, step 0"})
+    init_only: bool = field(default=False, metadata={
+        "help": "write the initial model as checkpoint step 0 of the run directory and stop (the shared "
+                "--init-from of a sweep)"})
 
 
 # --- model, optimizer, steps ------------------------------------------------------------------------------------
@@ -87,8 +98,11 @@ def build_model(config: Config, cfg: GPTConfig, seed: int, **model_kwargs) -> GP
                attention=config.attention_type, **model_kwargs)
 
 
-def _is_block_matrix(path, leaf) -> bool:
-    return any(getattr(k, "key", None) == "blocks" for k in path) and leaf.ndim == 3
+def _muon_dims(path, leaf) -> MuonDimensionNumbers | None:
+    """Stacked block matrices [L, in, out] are orthogonalised per layer, banded blocks [L, K, in, out] per block."""
+    if not any(getattr(k, "key", None) == "blocks" for k in path) or leaf.ndim not in (3, 4):
+        return None
+    return MuonDimensionNumbers(reduction_axis=(leaf.ndim - 2,), output_axis=(leaf.ndim - 1,))
 
 
 def make_optimizer(config: Config, params: Any) -> optax.GradientTransformation:
@@ -97,9 +111,7 @@ def make_optimizer(config: Config, params: Any) -> optax.GradientTransformation:
     clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()
     if config.optimizer_type == "adamw":
         return optax.chain(clip, optax.adamw(config.lr, b1=0.9, b2=0.95, weight_decay=config.weight_decay))
-    dims = jax.tree_util.tree_map_with_path(
-        lambda p, x: MuonDimensionNumbers(reduction_axis=(1,), output_axis=(2,)) if _is_block_matrix(p, x) else None,
-        params)
+    dims = jax.tree_util.tree_map_with_path(_muon_dims, params)
     return optax.chain(clip, optax.contrib.muon(
         config.matrix_lr, weight_decay=config.weight_decay, adam_learning_rate=config.lr, adam_b1=0.9,
         adam_b2=0.95, muon_weight_dimension_numbers=dims))
@@ -210,21 +222,54 @@ def check_config(config: Config) -> None:
         raise UserError("--lr-warmdown-frac and --final-lr-frac must lie in [0, 1]")
     if config.lr <= 0 or config.matrix_lr <= 0:
         raise UserError("--lr and --matrix-lr must be positive")
+    if config.init_from and config.resume:
+        raise UserError("--init-from and --resume exclude each other (resume restores the parameters too)")
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
 
+def _mlp_meta(config: Config) -> dict[str, int]:
+    return {"fc1_bandwidth": config.fc1_bandwidth, "fc2_bandwidth": config.fc2_bandwidth}
+
+
+def _check_model(flag: str, path: str, meta: dict, cfg: GPTConfig) -> None:
+    if meta.get("model") != dataclasses.asdict(cfg):
+        raise UserError(f"{flag} {path}: checkpoint model {meta.get('model')} differs from this run's "
+                        f"{dataclasses.asdict(cfg)}")
+
+
 def _resume(config: Config, cfg: GPTConfig, state: dict, train: Loader) -> tuple[dict, int]:
     root, step, meta = read_meta(config.resume)
-    if meta.get("model") != dataclasses.asdict(cfg):
-        raise UserError(f"--resume {config.resume}: checkpoint model {meta.get('model')} differs from this run's "
-                        f"{dataclasses.asdict(cfg)}")
+    _check_model("--resume", config.resume, meta, cfg)
+    if meta.get("mlp", _mlp_meta(Config())) != _mlp_meta(config):
+        raise UserError(f"--resume {config.resume}: checkpoint MLP {meta.get('mlp')} differs from this run's "
+                        f"{_mlp_meta(config)}")
     if meta.get("optimizer_type") != config.optimizer_type:
         raise UserError(f"--resume {config.resume}: checkpoint optimizer {meta.get('optimizer_type')!r} differs "
                         f"from --optimizer-type {config.optimizer_type}")
     state = restore_arrays(root, step, state)
     train.load_state_dict(meta["data"])
     return state, step
+
+
+def _init_from(config: Config, cfg: GPTConfig, params: Any) -> Any:
+    """This run's parameters from checkpoint --init-from: as saved when the MLP bands match, the band of each
+    kernel when the checkpoint is dense."""
+    root, step, meta = read_meta(config.init_from)
+    _check_model("--init-from", config.init_from, meta, cfg)
+    src = Config(**{**dataclasses.asdict(config), **meta.get("mlp", _mlp_meta(Config())),
+                    "optimizer_type": meta.get("optimizer_type", config.optimizer_type)})
+    if _mlp_meta(src) != _mlp_meta(config) and _mlp_meta(src) != _mlp_meta(Config()):
+        raise UserError(f"--init-from {config.init_from}: checkpoint MLP {_mlp_meta(src)} is neither dense nor "
+                        f"this run's {_mlp_meta(config)}")
+    src_params = nnx.split(build_model(src, cfg, 0, mlp=banded_mlp(src.fc1_bandwidth, src.fc2_bandwidth)),
+                           nnx.Param)[1]
+    like = {"params": src_params} if meta.get("init_only") else init_state(src_params,
+                                                                           make_optimizer(src, src_params))
+    restored = restore_arrays(root, step, like)["params"]
+    if _mlp_meta(src) == _mlp_meta(config):
+        return restored
+    return params_from_dense(restored, params, cfg.n_embd, config.fc1_bandwidth, config.fc2_bandwidth)
 
 
 def _sample(graphdef, params, tokenizer, prompt: np.ndarray, n: int, seed: int) -> str:
@@ -238,8 +283,13 @@ def run(config: Config, ctx) -> Results:
     tokenizer = load_tokenizer(config.tokenizer)
     train, val = build_data(config, ctx.seed, tokenizer)
     cfg = model_config(config, train.vocab_size)
-    model = build_model(config, cfg, ctx.seed)
+    bands = mlp_bands(cfg.n_embd, config.fc1_bandwidth, config.fc2_bandwidth)
+    model = build_model(config, cfg, ctx.seed, mlp=banded_mlp(config.fc1_bandwidth, config.fc2_bandwidth))
     graphdef, params = nnx.split(model, nnx.Param)
+    if config.init_only:
+        return _write_init(config, ctx, cfg, params, bands)
+    if config.init_from:
+        params = _init_from(config, cfg, params)
     tx = make_optimizer(config, params)
     state = init_state(params, tx)
     start_step = 0
@@ -263,7 +313,7 @@ def run(config: Config, ctx) -> Results:
     if checkpointer:
         def save(step, st):
             checkpointer.save(step, st, {"step": step, "data": train.state_dict(), "model": dataclasses.asdict(cfg),
-                                         "optimizer_type": config.optimizer_type})
+                                         "optimizer_type": config.optimizer_type, "mlp": _mlp_meta(config)})
         hooks.append((config.checkpoint_every, save))
     if config.sample_every:
         hooks.append((config.sample_every, sample_hook))
@@ -276,21 +326,39 @@ def run(config: Config, ctx) -> Results:
     # result.steps counts the resumed steps too: it is the step number reached.
     if not samples or samples[-1][0] != result.steps:
         sample_hook(result.steps, result.state)
-    return _report(config, ctx, cfg, result, train.entropy_rate, samples)
+    return _report(config, ctx, cfg, result, train.entropy_rate, samples, bands)
 
 
-def _report(config, ctx, cfg, result, floor, samples) -> Results:
+def _write_init(config: Config, ctx, cfg: GPTConfig, params: Any, bands: dict) -> Results:
+    checkpointer = Checkpointer(ctx.run_dir)
+    try:
+        checkpointer.save(0, {"params": params}, {"step": 0, "init_only": True, "seed": ctx.seed,
+                                                  "model": dataclasses.asdict(cfg), "mlp": _mlp_meta(config)})
+    finally:
+        checkpointer.close()
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    return Results(metrics={"model": dataclasses.asdict(cfg), "mlp": bands, "n_params": n_params,
+                            "init_checkpoint": str(checkpointer.directory / "0")},
+                   notes=[f"initial model (seed {ctx.seed}, {n_params:,} parameters) written; start runs from it "
+                          f"with --init-from {ctx.run_dir}"])
+
+
+def _report(config, ctx, cfg, result, floor, samples, bands) -> Results:
     tokens_per_step = config.batch_size * config.grad_accum * config.sequence_len
-    analytic_per_token = estimate_flops(cfg)
+    analytic_per_token = estimate_flops(cfg, mlp_density=bands["mlp_density"])
     matmul_per_step = result.flops_records["nanochat"].matmul_flops
     step_s = result.step_ms.median_ms / 1e3
     tokens_per_second = tokens_per_step / step_s if step_s > 0 else None
     tflops_per_s = result.tflops_per_s
     peak = peak_flops_per_s(compute_dtype(config))
-    val_series = [(s, e.get("val_bpb"), e.get("val_loss")) for s, e in result.evals]
+    # Training seconds at each eval, from the median step time (warm-up, evals, samples and checkpoints excluded).
+    val_series = [(s, e.get("val_bpb"), e.get("val_loss"), s * step_s if step_s > 0 else None)
+                  for s, e in result.evals]
     final = result.evals[-1][1] if result.evals else {}
     metrics = {
         "model": dataclasses.asdict(cfg),
+        "mlp": bands,
+        "init_from": config.init_from,
         "compute_dtype": compute_dtype(config),
         "tokens_per_step": tokens_per_step,
         "tokens_trained": tokens_per_step * result.steps,
@@ -304,17 +372,19 @@ def _report(config, ctx, cfg, result, floor, samples) -> Results:
         "final_loss": result.final_loss,
         "val_loss": final.get("val_loss"),
         "val_bpb": final.get("val_bpb"),
-        "val_bpb_series": [{"step": s, "val_bpb": b, "val_loss": v} for s, b, v in val_series],
+        "val_bpb_series": [{"step": s, "val_bpb": b, "val_loss": v, "train_s_est": t}
+                           for s, b, v, t in val_series],
         "entropy_floor_bpb": None if floor is None else floor.doc_bits_per_byte,
         "peak_memory_allocated_gb": ctx.train_summaries["nanochat"]["peak_memory_gb"],
     }
     cum_flops = np.arange(result.steps - len(result.losses) + 1, result.steps + 1) * result.flops_per_step
-    evals_x = [s * result.flops_per_step for s, _, _ in val_series]
+    evals_x = [s * result.flops_per_step for s, *_ in val_series]
     plot_curves(ctx.plot_path("loss_vs_flops.png"), {"train loss": (cum_flops, result.losses)},
-                markers={"val loss": (evals_x, [v for _, _, v in val_series])},
+                markers={"val loss": (evals_x, [v for _, _, v, _ in val_series])},
                 xlabel="training FLOPs (estimator)", ylabel="loss (nats/token)", title=f"nanochat d{config.depth}")
     rows = [["val bpb", final.get("val_bpb")], ["val loss (nats/token)", final.get("val_loss")],
             ["entropy floor (bpb)", metrics["entropy_floor_bpb"]],
+            ["MLP density FC1 / FC2", f"{bands['fc1']['density']:.4f} / {bands['fc2']['density']:.4f}"],
             ["FLOPs/token analytic (6N + 12LHDT)", analytic_per_token],
             ["matmul FLOPs/token measured (jaxpr)", matmul_per_step / tokens_per_step],
             ["FLOPs/token measured (XLA, loop-corrected)", result.flops_per_step / tokens_per_step],
