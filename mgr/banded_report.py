@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from mgr.artifacts import atomic_write_text, read_json
 from mgr.methods.banded import element_band_density
 from mgr.plots import figure, save
 from mgr.results import Table, fmt
@@ -304,3 +305,17 @@ def render(title: str, meta: dict[str, Any], rows: Sequence[ConfigRow], *, plot_
         parts += ["", "## Charts", ""]
         parts += [f"![{p.stem}]({Path(plot_dir).name}/{p.name})" for p in charts(rows, plot_dir)]
     return "\n".join(parts) + "\n"
+
+
+def write_report(title: str, runs: dict[str, Path], out_dir: Path, meta: dict[str, Any] | None = None,
+                 **kw) -> Path:
+    """README.md and plots/ in ``out_dir`` from nanochat run directories by configuration name; the overview's
+    facts come from the first run, updated with ``meta`` (e.g. {"data": ...})."""
+    summaries = {name: read_json(Path(run) / "summary.json") for name, run in runs.items()}
+    rows = [row_from_summary(name, s) for name, s in summaries.items()]
+    meta = {**meta_from_summary(next(iter(summaries.values()))), **(meta or {})}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "README.md"
+    atomic_write_text(path, render(title, meta, rows, plot_dir=out_dir / "plots", **kw))
+    return path

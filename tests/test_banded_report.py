@@ -106,3 +106,27 @@ def test_llmc_logs_parse_into_rows():
         R.rows_from_llmc_logs({"fc3_bw12": ""})
     table = R.bandwidth_tables(list(rows.values()))
     assert [t.title for t in table] == ["Bandwidth = 512", "Bandwidth = 256"]
+
+
+def test_write_report_reads_nanochat_summaries(rows, tmp_path):
+    import json
+    runs = {}
+    for r in rows:
+        series = [{"step": s, "val_loss": v, "val_bpb": None, "train_s_est": t}
+                  for (s, v), (t, _) in zip(r.evals, r.time_curve)]
+        summary = {"budget": {"steps": 30}, "meta": {"device": {"device_kind": "cpu"}, "command": "mgr run nanochat"},
+                   "results": {"model": {"n_embd": 192, "n_layer": 3, "n_head": 3, "vocab_size": 257,
+                                         "sequence_len": 64},
+                               "tokens_per_step": 512, "flops_per_step_measured": r.flops_per_step,
+                               "tokens_per_second": r.tokens_per_second, "val_bpb_series": series,
+                               "mlp": {"fc1": {"bandwidth": r.fc1_bandwidth, "density": r.fc1_density},
+                                       "fc2": {"bandwidth": r.fc2_bandwidth, "density": r.fc2_density}}}}
+        (tmp_path / r.name).mkdir()
+        (tmp_path / r.name / "summary.json").write_text(json.dumps(summary))
+        runs[r.name] = tmp_path / r.name
+    path = R.write_report("study", runs, tmp_path / "report", meta={"data": "synthetic"})
+    text = path.read_text()
+    assert text == R.render("study", {"C": 192, "L": 3, "NH": 3, "vocab": 257, "T": 64, "tokens_per_step": 512,
+                                      "steps": 30, "device": "cpu", "command": "mgr run nanochat",
+                                      "data": "synthetic"}, rows, plot_dir=tmp_path / "again" / "plots")
+    assert "- architecture: C 192, L 3, NH 3, vocab 257, T 64" in text and "- data: synthetic" in text

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from mgr.errors import UserError
-from nanochat.mlp import kernel_init, linear
+from nanochat.mlp import ReluSquaredMLP, kernel_init, linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +185,6 @@ class BandedMLP(nnx.Module):
 
 def banded_mlp(fc1_bandwidth: int, fc2_bandwidth: int):
     """The MLP factory GPT(cfg, mlp=...) takes; (0, 0) is nanochat's dense MLP itself."""
-    from nanochat.mlp import ReluSquaredMLP
     if fc1_bandwidth == fc2_bandwidth == 0:
         return ReluSquaredMLP
     return functools.partial(BandedMLP, fc1_bandwidth=fc1_bandwidth, fc2_bandwidth=fc2_bandwidth)
