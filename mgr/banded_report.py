@@ -169,7 +169,7 @@ def overview(meta: dict[str, Any], rows: Sequence[ConfigRow]) -> str:
     for bw in _bandwidths(rows):
         d1 = next((r.fc1_density for r in rows if r.fc1_bandwidth == bw), None)
         d2 = next((r.fc2_density for r in rows if r.fc2_bandwidth == bw), None)
-        dens.append([bw, _pct(d1), _pct(d2), _pct(None if d1 is None or d2 is None else (d1 + d2) / 2)])
+        dens.append([str(bw), _pct(d1), _pct(d2), _pct(None if d1 is None or d2 is None else (d1 + d2) / 2)])
     table = Table("Density by bandwidth", ["bandwidth", "FC1 density", "FC2 density", "MLP density (FC1+FC2)"],
                   dens, note="density = fraction of the layer's weights that exist and execute")
     return "\n".join(lines) + "\n\n" + table.markdown()
@@ -184,7 +184,7 @@ def bandwidth_tables(rows: Sequence[ConfigRow]) -> list[Table]:
         loss = [dict(c.evals) if c else {} for c in cols]
         steps = sorted(set().union(*loss))
         best = lambda s: min((v[s] for v in loss if s in v), default=None)
-        body = [[s] + [_bold(v.get(s), v.get(s) == best(s) and s == steps[-1]) for v in loss] for s in steps]
+        body = [[str(s)] + [_bold(v.get(s), v.get(s) == best(s) and s == steps[-1]) for v in loss] for s in steps]
         tables.append(Table(f"Bandwidth = {bw}", ["step", "Baseline"] + [f"{KINDS[k]}-{bw}" for k in KINDS],
                             body, note="val loss (nats/token); bold: lowest final loss"))
     return tables
@@ -200,11 +200,11 @@ def summary_table(rows: Sequence[ConfigRow]) -> Table:
     body = []
     for r in rows:
         reached = time_to_loss(r, target) if target is not None and r.time_curve else None
-        body.append([r.name, KINDS.get(r.kind, r.kind), r.bandwidth or "—", _pct(r.mlp_density),
+        body.append([r.name, KINDS.get(r.kind, r.kind), str(r.bandwidth or "—"), _pct(r.mlp_density),
                      None if r.final_val_loss is None else f"{r.final_val_loss:.4f}",
                      "—" if r is base else f"{delta_pct(r, base):+.2f}%", r.flops_per_step, r.tokens_per_second,
                      ("not reached" if r.time_curve else "—") if reached is None else f"{reached:.1f} s"])
-    return Table("Summary", ["config", "layer", "bandwidth", "MLP density", "final val loss", "Δ vs baseline",
+    return Table("Final val loss, FLOPs and time", ["config", "layer", "bandwidth", "MLP density", "final val loss", "Δ vs baseline",
                              "FLOPs/step", "tokens/s", "time to baseline's final loss"], body,
                  note="FLOPs/step: mgr.flops of the compiled train step; time: training seconds (median step time "
                       "× steps, evals excluded) at which the val loss first reaches the baseline's final value.")

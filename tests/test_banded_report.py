@@ -43,8 +43,8 @@ def test_bandwidth_tables_hold_every_eval_of_the_four_layouts(rows):
     assert [t.title for t in tables] == ["Bandwidth = 256", "Bandwidth = 128", "Bandwidth = 64"]
     t = tables[1]
     assert list(t.columns) == ["step", "Baseline", "FC1-128", "FC2-128", "FC1+FC2-128"]
-    assert [r[0] for r in t.rows] == list(STEPS)
-    assert t.rows[-1] == [30, "**2.0000**", "2.0300", "2.0100", "2.0180"]
+    assert [r[0] for r in t.rows] == [str(s) for s in STEPS]
+    assert t.rows[-1] == ["30", "**2.0000**", "2.0300", "2.0100", "2.0180"]
     assert t.rows[0][1] == f"{BASE + 1.0:.4f}"
 
 
@@ -78,7 +78,7 @@ def test_analysis_answers_the_study_questions_with_numbers(rows):
 def test_render_writes_every_section_and_the_charts(rows, tmp_path):
     meta = {"C": 192, "L": 3, "NH": 3, "vocab": 257, "T": 64, "steps": 30}
     text = R.render("Banded FC1/FC2", meta, rows, plot_dir=tmp_path / "plots")
-    for heading in ("## Overview", "### Density by bandwidth", "### Bandwidth = 64", "### Summary", "## Analysis",
+    for heading in ("## Overview", "### Density by bandwidth", "### Bandwidth = 64", "## Summary", "## Analysis",
                     "## Charts"):
         assert heading in text
     assert "| 64 | 8.3% | 8.3% | 8.3% |" in text
