@@ -157,9 +157,10 @@ class BandedLinear(nnx.Module):
         if not self.transposed:
             return jnp.einsum("...kw,kwf->...kf", x[..., idx], w).reshape(*x.shape[:-1], -1)
         K, W = idx.shape
-        out = jnp.einsum("...kf,kfw->...kw", x.reshape(*x.shape[:-1], K, W), w)
-        y = jnp.zeros((*x.shape[:-1], self.band.narrow), out.dtype)
-        return y.at[..., idx.reshape(-1)].add(out.reshape(*x.shape[:-1], K * W))
+        # Overlapping windows are summed in fp32, so a bf16 step rounds once, as a dense matmul's output does.
+        out = jnp.einsum("...kf,kfw->...kw", x.reshape(*x.shape[:-1], K, W), w, preferred_element_type=jnp.float32)
+        y = jnp.zeros((*x.shape[:-1], self.band.narrow), jnp.float32)
+        return y.at[..., idx.reshape(-1)].add(out.reshape(*x.shape[:-1], K * W)).astype(x.dtype)
 
     def dense_kernel(self) -> jax.Array:
         """The equivalent dense kernel [fan_in, fan_out], zero outside the band."""
