@@ -217,6 +217,12 @@ def analysis(rows: Sequence[ConfigRow], *, tolerance_pct: float = 1.0, tie_pct: 
     tie = tie_pct / 100 * L0
     out = [f"One seed per configuration, so no confidence intervals: differences under {tie_pct:g}% of the "
            f"baseline's final loss {L0:.4f} (= {tie:.4f}) are called no clear difference."]
+    late = [v for _, v in base.evals[len(base.evals) // 2:]]
+    wobble = max((b - a for a, b in zip(late, late[1:])), default=0.0)
+    if wobble > 0:
+        out.append(f"Scale of eval noise: the baseline's val loss rises by up to {wobble:.4f} "
+                   f"({100 * wobble / L0:.2f}%) between consecutive evals in the second half of training; "
+                   f"differences of that size are not evidence.")
     for bw in _bandwidths(rows):
         r1, r2, rb = (_by(rows, k, bw) for k in KINDS)
         if not (r1 and r2):

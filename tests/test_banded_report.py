@@ -1,6 +1,8 @@
 """The banded study's report (mgr/banded_report.py) on synthetic rows whose answers are known by construction,
 and the llm.c log parser."""
 
+import dataclasses
+
 import pytest
 
 from mgr import banded_report as R
@@ -62,6 +64,9 @@ def test_summary_table_deltas_flops_and_time_to_baseline_loss(rows):
 
 def test_analysis_answers_the_study_questions_with_numbers(rows):
     text = "\n".join(R.analysis(rows, tolerance_pct=1.0, tie_pct=0.1))
+    assert "Scale of eval noise" not in text  # the synthetic baseline falls monotonically
+    wobbly = [dataclasses.replace(rows[0], evals=((10, 2.5), (20, 2.1), (30, 2.0), (40, 2.03), (50, 2.0)))]
+    assert "rises by up to 0.0300 (1.50%) between consecutive evals" in "\n".join(R.analysis(wobbly + rows[1:]))
     assert "Bandwidth 256: FC2 tolerates sparsity better (ΔFC1 +0.0100 = +0.50%, ΔFC2 +0.0020 = +0.10%)" in text
     assert "Bandwidth 64: FC1 and FC2 tolerate it alike" in text
     assert "Bandwidth 256: FC1+FC2 degradation is additive: Δboth +0.0120 vs ΔFC1 + ΔFC2 +0.0120" in text
