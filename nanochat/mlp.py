@@ -20,16 +20,22 @@ if TYPE_CHECKING:
     from nanochat.model import GPTConfig
 
 
+def kernel_init(fan_in: int, fan_out: int, *, zero: bool = False, std: float | None = None):
+    """nanochat's initialiser of a [fan_in, fan_out] kernel (see `linear`); structured layers (banded,
+    low-rank) draw their dense counterpart with it so they start from the same weights."""
+    if std is None:
+        std = fan_in ** -0.5 * min(1.0, (fan_out / fan_in) ** 0.5)
+    return nnx.initializers.zeros_init() if zero else nnx.initializers.normal(std)
+
+
 def linear(fan_in: int, fan_out: int, *, rngs: nnx.Rngs, zero: bool = False, std: float | None = None) -> nnx.Linear:
     """Bias-free linear layer, kernel [fan_in, fan_out], initialised as nanochat does.
 
     Default std = 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in)) (arXiv:2310.17813); `zero=True` for output
     projections, so every residual block starts as the identity.
     """
-    if std is None:
-        std = fan_in ** -0.5 * min(1.0, (fan_out / fan_in) ** 0.5)
-    init = nnx.initializers.zeros_init() if zero else nnx.initializers.normal(std)
-    return nnx.Linear(fan_in, fan_out, use_bias=False, kernel_init=init, rngs=rngs)
+    return nnx.Linear(fan_in, fan_out, use_bias=False, kernel_init=kernel_init(fan_in, fan_out, zero=zero, std=std),
+                      rngs=rngs)
 
 
 class ReluSquaredMLP(nnx.Module):

@@ -76,21 +76,23 @@ class GPTConfig:
                    n_kv_head=n_head if n_kv_head is None else n_kv_head, n_embd=width, **overrides)
 
 
-def matmul_params(cfg: GPTConfig) -> int:
-    """Parameters that enter a matmul with the default MLP: all block matrices plus lm_head (not the embedding)."""
+def matmul_params(cfg: GPTConfig, mlp_density: float = 1.0) -> int:
+    """Parameters that enter a matmul: all block matrices plus lm_head (not the embedding); the MLP's two matrices
+    keep the fraction ``mlp_density`` of their weights (1 = the default dense MLP; a banded one is less)."""
     D, K = cfg.n_embd, cfg.head_dim
     attn = D * (cfg.n_head + 2 * cfg.n_kv_head) * K + cfg.n_head * K * D
-    mlp = 2 * D * 4 * D
+    mlp = round(2 * D * 4 * D * mlp_density)
     return cfg.n_layer * (attn + mlp) + D * cfg.vocab_size
 
 
-def estimate_flops(cfg: GPTConfig) -> float:
+def estimate_flops(cfg: GPTConfig, mlp_density: float = 1.0) -> float:
     """Training FLOPs per token (nanochat/PaLM): 6 * matmul params + 12 * n_layer * n_head * head_dim * T.
 
-    Valid for the default relu^2 MLP; swapped-in MLPs are priced with mgr.flops on the real step.
+    Valid for the relu^2 MLP, dense or with a fraction ``mlp_density`` of its weights executed (banded); other
+    swapped-in MLPs are priced with mgr.flops on the real step.
     """
-    return transformer_train_flops_per_token(matmul_params(cfg), cfg.n_layer, cfg.n_head, cfg.head_dim,
-                                             cfg.sequence_len)
+    return transformer_train_flops_per_token(matmul_params(cfg, mlp_density), cfg.n_layer, cfg.n_head,
+                                             cfg.head_dim, cfg.sequence_len)
 
 
 def rms_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:

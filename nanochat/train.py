@@ -24,6 +24,7 @@ from mgr.demo import Demo
 from mgr.errors import UserError
 from mgr.mesh import DeviceMesh
 from mgr.meta import peak_flops_per_s
+from mgr.methods.banded import banded_mlp, mlp_bands, params_from_dense
 from mgr.methods.partial import block_relevance, value_and_half_grads
 from mgr.plots import plot_curves
 from mgr.results import Results, Table
@@ -77,6 +78,16 @@ class Config:
                                                                "at the end and on interrupt)"})
     resume: str | None = field(default=None, metadata={
         "help": "continue from a run directory's newest checkpoint, or from one step: RUN_DIR/checkpoints/STEP"})
+    fc1_bandwidth: int = field(default=0, metadata={
+        "help": "banded FC1 (C -> 4C): band width along 4C, density bandwidth/4C (mgr/methods/banded.py); 0 dense"})
+    fc2_bandwidth: int = field(default=0, metadata={
+        "help": "banded FC2 (4C -> C), the same band transposed; 0 dense"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "start from the parameters of a checkpoint (e.g. an --init-only run; a dense one converts to "
+                "banded by keeping its band); fresh optimizer, step 0"})
+    init_only: bool = field(default=False, metadata={
+        "help": "write the initial model as checkpoint step 0 of the run directory and stop (the shared "
+                "--init-from of a sweep)"})
 
 
 # --- model, optimizer, steps ------------------------------------------------------------------------------------
@@ -104,8 +115,11 @@ def build_model(config: Config, cfg: GPTConfig, seed: int, **model_kwargs) -> GP
                attention=resolve_attention(config, cfg)["chosen"], **model_kwargs)
 
 
-def _is_block_matrix(path, leaf) -> bool:
-    return any(getattr(k, "key", None) == "blocks" for k in path) and leaf.ndim == 3
+def _muon_dims(path, leaf) -> MuonDimensionNumbers | None:
+    """Stacked block matrices [L, in, out] are orthogonalised per layer, banded blocks [L, K, in, out] per block."""
+    if not any(getattr(k, "key", None) == "blocks" for k in path) or leaf.ndim not in (3, 4):
+        return None
+    return MuonDimensionNumbers(reduction_axis=(leaf.ndim - 2,), output_axis=(leaf.ndim - 1,))
 
 
 def make_optimizer(config: Config, params: Any) -> optax.GradientTransformation:
@@ -114,9 +128,7 @@ def make_optimizer(config: Config, params: Any) -> optax.GradientTransformation:
     clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()
     if config.optimizer_type == "adamw":
         return optax.chain(clip, optax.adamw(config.lr, b1=0.9, b2=0.95, weight_decay=config.weight_decay))
-    dims = jax.tree_util.tree_map_with_path(
-        lambda p, x: MuonDimensionNumbers(reduction_axis=(1,), output_axis=(2,)) if _is_block_matrix(p, x) else None,
-        params)
+    dims = jax.tree_util.tree_map_with_path(_muon_dims, params)
     return optax.chain(clip, optax.contrib.muon(
         config.matrix_lr, weight_decay=config.weight_decay, adam_learning_rate=config.lr, adam_b1=0.9,
         adam_b2=0.95, muon_weight_dimension_numbers=dims))
@@ -286,12 +298,22 @@ def check_config(config: Config, budget=None) -> None:
         _, step, meta = read_meta(config.resume)
         _check_resumable(config, meta, step, budget)
         if kind != "bin":  # token files set the vocabulary from their ids, known once they are read
-            _check_same_model(config, model_config(config, config.vocab_size or tokenizer.vocab_size), meta)
+            _check_same_model("--resume", config.resume,
+                              model_config(config, config.vocab_size or tokenizer.vocab_size), meta)
+    if config.init_from and config.resume:
+        raise UserError("--init-from and --resume exclude each other (resume restores the parameters too)")
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
 
+def _mlp_meta(config: Config) -> dict[str, int]:
+    return {"fc1_bandwidth": config.fc1_bandwidth, "fc2_bandwidth": config.fc2_bandwidth}
+
+
 def _check_resumable(config: Config, meta: dict, step: int, budget) -> None:
+    if meta.get("mlp", _mlp_meta(Config())) != _mlp_meta(config):
+        raise UserError(f"--resume {config.resume}: checkpoint MLP {meta.get('mlp')} differs from this run's "
+                        f"{_mlp_meta(config)}")
     if meta.get("optimizer_type") != config.optimizer_type:
         raise UserError(f"--resume {config.resume}: checkpoint optimizer {meta.get('optimizer_type')!r} differs "
                         f"from --optimizer-type {config.optimizer_type}")
@@ -300,12 +322,12 @@ def _check_resumable(config: Config, meta: dict, step: int, budget) -> None:
                         f"--max-iterations {budget.max_iterations}; raise it to train further")
 
 
-def _check_same_model(config: Config, cfg: GPTConfig, meta: dict) -> None:
+def _check_same_model(flag: str, path: str, cfg: GPTConfig, meta: dict) -> None:
     saved, mine = meta.get("model") or {}, dataclasses.asdict(cfg)
     differ = [f"{k} {saved.get(k)} vs {mine.get(k)}" for k in sorted(set(saved) | set(mine))
               if saved.get(k) != mine.get(k)]
     if differ:
-        raise UserError(f"--resume {config.resume}: the checkpoint's model differs from this run's in "
+        raise UserError(f"{flag} {path}: the checkpoint's model differs from this run's in "
                         f"{'; '.join(differ)} (checkpoint vs this run)")
 
 
@@ -315,7 +337,7 @@ def _data_flags(config: Config) -> dict[str, Any]:
 
 def _resume(config: Config, cfg: GPTConfig, state: dict, train: Loader, ctx) -> tuple[dict, int, list[str]]:
     root, step, meta = read_meta(config.resume)
-    _check_same_model(config, cfg, meta)
+    _check_same_model("--resume", config.resume, cfg, meta)
     _check_resumable(config, meta, step, None)
     state = restore_arrays(root, step, state)
     train.load_state_dict(meta["data"])
@@ -326,6 +348,26 @@ def _resume(config: Config, cfg: GPTConfig, state: dict, train: Loader, ctx) -> 
                      f"{_data_flags(config)}")
         ctx.console.print(f"warning: {notes[-1]}", highlight=False, markup=False)
     return state, step, notes
+
+
+def _init_from(config: Config, cfg: GPTConfig, params: Any) -> Any:
+    """This run's parameters from checkpoint --init-from: as saved when the MLP bands match, the band of each
+    kernel when the checkpoint is dense."""
+    root, step, meta = read_meta(config.init_from)
+    _check_same_model("--init-from", config.init_from, cfg, meta)
+    src = Config(**{**dataclasses.asdict(config), **meta.get("mlp", _mlp_meta(Config())),
+                    "optimizer_type": meta.get("optimizer_type", config.optimizer_type)})
+    if _mlp_meta(src) != _mlp_meta(config) and _mlp_meta(src) != _mlp_meta(Config()):
+        raise UserError(f"--init-from {config.init_from}: checkpoint MLP {_mlp_meta(src)} is neither dense nor "
+                        f"this run's {_mlp_meta(config)}")
+    src_params = nnx.split(build_model(src, cfg, 0, mlp=banded_mlp(src.fc1_bandwidth, src.fc2_bandwidth)),
+                           nnx.Param)[1]
+    like = {"params": src_params} if meta.get("init_only") else init_state(src_params,
+                                                                           make_optimizer(src, src_params))
+    restored = restore_arrays(root, step, like)["params"]
+    if _mlp_meta(src) == _mlp_meta(config):
+        return restored
+    return params_from_dense(restored, params, cfg.n_embd, config.fc1_bandwidth, config.fc2_bandwidth)
 
 
 def _sample(graphdef, params, tokenizer, prompt: np.ndarray, n: int, seed: int) -> str:
@@ -348,8 +390,13 @@ def run(config: Config, ctx) -> Results:
         notes.append(f"the token file's ids go up to {train.vocab_size - 1}, beyond the byte tokenizer's "
                      f"{tokenizer.vocab_size}: trained on plain ids with a vocab of {cfg.vocab_size}; no bits per "
                      "byte (byte lengths unknown), samples shown as ids")
-    model = build_model(config, cfg, ctx.seed)
+    bands = mlp_bands(cfg.n_embd, config.fc1_bandwidth, config.fc2_bandwidth)
+    model = build_model(config, cfg, ctx.seed, mlp=banded_mlp(config.fc1_bandwidth, config.fc2_bandwidth))
     graphdef, params = nnx.split(model, nnx.Param)
+    if config.init_only:
+        return _write_init(config, ctx, cfg, params, bands)
+    if config.init_from:
+        params = _init_from(config, cfg, params)
     tx = make_optimizer(config, params)
     state = init_state(params, tx)
     if ctx.mesh is not None:  # restore straight into the mesh's layout, whatever layout wrote the checkpoint
@@ -379,7 +426,8 @@ def run(config: Config, ctx) -> Results:
 
     def save(step, st):
         checkpointer.save(step, st, {"step": step, "data": train.state_dict(), "model": dataclasses.asdict(cfg),
-                                     "optimizer_type": config.optimizer_type, "data_flags": _data_flags(config)})
+                                     "optimizer_type": config.optimizer_type, "data_flags": _data_flags(config),
+                                     "mlp": _mlp_meta(config)})
 
     if checkpointer and config.checkpoint_every:
         hooks.append((config.checkpoint_every, save))
@@ -397,14 +445,28 @@ def run(config: Config, ctx) -> Results:
             checkpointer.close()
     if not samples or samples[-1][0] != result.steps:
         sample_hook(result.steps, result.state)
-    report = _report(config, ctx, cfg, result, train.entropy_rate, samples)
+    report = _report(config, ctx, cfg, result, train.entropy_rate, samples, bands)
     report.notes.extend(notes + getattr(train.source, "notes", []))
     return report
 
 
-def _report(config, ctx, cfg, result, floor, samples) -> Results:
+def _write_init(config: Config, ctx, cfg: GPTConfig, params: Any, bands: dict) -> Results:
+    checkpointer = Checkpointer(ctx.run_dir)
+    try:
+        checkpointer.save(0, {"params": params}, {"step": 0, "init_only": True, "seed": ctx.seed,
+                                                  "model": dataclasses.asdict(cfg), "mlp": _mlp_meta(config)})
+    finally:
+        checkpointer.close()
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    return Results(metrics={"model": dataclasses.asdict(cfg), "mlp": bands, "n_params": n_params,
+                            "init_checkpoint": str(checkpointer.directory / "0")},
+                   notes=[f"initial model (seed {ctx.seed}, {n_params:,} parameters) written; start runs from it "
+                          f"with --init-from {ctx.run_dir}"])
+
+
+def _report(config, ctx, cfg, result, floor, samples, bands) -> Results:
     tokens_per_step = config.batch_size * config.grad_accum * config.sequence_len
-    analytic_per_token = estimate_flops(cfg)
+    analytic_per_token = estimate_flops(cfg, mlp_density=bands["mlp_density"])
     matmul_per_step = result.flops_records["nanochat"].matmul_flops
     step_s = result.step_ms.median_ms / 1e3
     tokens_per_second = tokens_per_step / step_s if step_s > 0 else None
@@ -412,10 +474,14 @@ def _report(config, ctx, cfg, result, floor, samples) -> Results:
     # MFU: one device's share of the (global) FLOPs against one device's peak.
     device_tflops_per_s = result.tflops_per_s_per_device
     peak = peak_flops_per_s(compute_dtype(config))
-    val_series = [(s, e.get("val_bpb"), e.get("val_loss")) for s, e in result.evals]
+    # Training seconds at each eval, from the median step time (warm-up, evals, samples and checkpoints excluded).
+    val_series = [(s, e.get("val_bpb"), e.get("val_loss"), s * step_s if step_s > 0 else None)
+                  for s, e in result.evals]
     final = result.evals[-1][1] if result.evals else {}
     metrics = {
         "model": dataclasses.asdict(cfg),
+        "mlp": bands,
+        "init_from": config.init_from,
         "compute_dtype": compute_dtype(config),
         "tokens_per_step": tokens_per_step,
         "tokens_trained": tokens_per_step * result.steps,
@@ -439,17 +505,19 @@ def _report(config, ctx, cfg, result, floor, samples) -> Results:
         "final_loss": result.final_loss,
         "val_loss": final.get("val_loss"),
         "val_bpb": final.get("val_bpb"),
-        "val_bpb_series": [{"step": s, "val_bpb": b, "val_loss": v} for s, b, v in val_series],
+        "val_bpb_series": [{"step": s, "val_bpb": b, "val_loss": v, "train_s_est": t}
+                           for s, b, v, t in val_series],
         "entropy_floor_bpb": None if floor is None else floor.doc_bits_per_byte,
         "peak_memory_allocated_gb": ctx.train_summaries["nanochat"]["peak_memory_gb"],
     }
     cum_flops = np.arange(result.steps - len(result.losses) + 1, result.steps + 1) * result.flops_per_step
-    evals_x = [s * result.flops_per_step for s, _, _ in val_series]
+    evals_x = [s * result.flops_per_step for s, *_ in val_series]
     plot_curves(ctx.plot_path("loss_vs_flops.png"), {"train loss": (cum_flops, result.losses)},
-                markers={"val loss": (evals_x, [v for _, _, v in val_series])},
+                markers={"val loss": (evals_x, [v for _, _, v, _ in val_series])},
                 xlabel="training FLOPs (estimator)", ylabel="loss (nats/token)", title=f"nanochat d{config.depth}")
     rows = [["val bpb", final.get("val_bpb")], ["val loss (nats/token)", final.get("val_loss")],
             ["entropy floor (bpb)", metrics["entropy_floor_bpb"]],
+            ["MLP density FC1 / FC2", f"{bands['fc1']['density']:.4f} / {bands['fc2']['density']:.4f}"],
             ["FLOPs/token analytic (6N + 12LHDT)", analytic_per_token],
             ["matmul FLOPs/token measured (jaxpr)", matmul_per_step / tokens_per_step],
             ["FLOPs/token measured (mgr.flops, all ops)", result.flops_per_step / tokens_per_step],
