@@ -267,13 +267,16 @@ def nanochat_task(config: Config, nc: nanochat.Config, seed: int) -> Task:
     fwd_head = 2 * B * T * D * V
 
     def matmul_flops(k: int) -> float:
-        return float(3 * fwd_head + (L - k) * fwd_block + 3 * k * fwd_block)
+        # A one-block suffix is a one-trip scan, which XLA inlines: the input gradient of its q, k, v is then dead.
+        unused_input_grad = 2 * B * T * D * (H + 2 * G) * K if k == 1 < L else 0
+        return float(3 * fwd_head + (L - k) * fwd_block + 3 * k * fwd_block - unused_input_grad)
 
     formula = (f"nanochat matmul FLOPs with k of L={L} active blocks: 3*F_head + (L-k)*F_block + 3k*F_block, "
                f"F_block = 2*B*T*P_block + 4*B*T^2*H*K = {fwd_block:.4g} (P_block = {block_params} matmul params, "
                f"B={B}, T={T}, H={H}, K={K}; full T^2 attention), F_head = 2*B*T*D*V = {fwd_head:.4g}. A frozen "
                "block runs forward only, an active one forward + backward (3x); the suffix is one scan, so the "
-               "first active block also computes its input gradient, which the stop_gradient then discards. "
+               "first active block also computes its input gradient, which the stop_gradient then discards "
+               "(except at k=1: a one-trip scan is inlined and that gradient is dropped). "
                "At k=L this is nanochat's 6N + 12*L*H*K*T per token.")
     state = nanochat.init_state(params, suffix_optimizer(nc, params, L, L, below))
     return Task(L, state, make_step, train, nanochat.make_eval(graphdef, val), matmul_flops, formula)

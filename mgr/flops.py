@@ -54,8 +54,8 @@ _TRANSCENDENTAL_OPS = frozenset({
     "rsqrt", "tanh", "sine", "cosine", "tan", "atan2", "acos", "acosh", "asin", "asinh", "atanh", "cosh", "sinh",
 })
 _ELEMENTWISE_OPS = frozenset({
-    "abs", "add", "and", "ceil", "clamp", "count-leading-zeros", "compare", "complex", "convert", "bitcast-convert", "divide",
-    "floor", "imag", "is-finite", "maximum", "minimum", "multiply", "negate", "not", "or", "popcnt", "real",
+    "abs", "add", "and", "ceil", "clamp", "count-leading-zeros", "compare", "complex", "convert", "bitcast-convert",
+    "divide", "floor", "imag", "is-finite", "maximum", "minimum", "multiply", "negate", "not", "or", "popcnt", "real",
     "reduce-precision", "remainder", "round-nearest-afz", "round-nearest-even", "select", "shift-left",
     "shift-right-arithmetic", "shift-right-logical", "sign", "stochastic-convert", "subtract", "xor",
 })
@@ -596,5 +596,5 @@ def attention_flops(batch: int, seq: int, n_heads: int, head_dim: int) -> int:
 
 def transformer_train_flops_per_token(n_matmul_params: int, n_layers: int, n_heads: int, head_dim: int,
                                       seq_len: int) -> int:
-    """Training FLOPs per token (forward + backward = 3x forward): 6·N + 12·L·H·Dh·T (nanochat's estimate_flops)."""
+    """Training FLOPs per token (forward + backward = 3x forward): 6·N + 12·L·H·Dh·T (nanochat estimate_flops)."""
     return 6 * n_matmul_params + 12 * n_layers * n_heads * head_dim * seq_len
