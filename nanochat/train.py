@@ -288,6 +288,8 @@ def check_config(config: Config, budget=None) -> None:
     for name in ("weight_decay", "grad_clip"):
         if not (math.isfinite(getattr(config, name)) and getattr(config, name) >= 0):
             raise UserError(f"{_flag(name)} must be a finite number >= 0, got {getattr(config, name)}")
+    if config.init_from and config.resume:
+        raise UserError("--init-from and --resume exclude each other (resume restores the parameters too)")
     if config.attention_type != "auto":
         check_implementation(config.attention_type)
     tokenizer = load_tokenizer(config.tokenizer)
@@ -300,8 +302,6 @@ def check_config(config: Config, budget=None) -> None:
         if kind != "bin":  # token files set the vocabulary from their ids, known once they are read
             _check_same_model("--resume", config.resume,
                               model_config(config, config.vocab_size or tokenizer.vocab_size), meta)
-    if config.init_from and config.resume:
-        raise UserError("--init-from and --resume exclude each other (resume restores the parameters too)")
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
