@@ -16,7 +16,7 @@ from nanochat.train import main
 from tests.conftest import one_error_line, read_json, read_metrics
 
 # vocab 257 (bytes + <|bos|>), width 64, one head of 64
-TINY = ["--depth", "1", "--sequence-len", "32", "--batch-size", "4", "--eval-tokens", "256"]
+TINY = ["--depth", "1", "--sequence-len", "32", "--batch-size", "4", "--eval-tokens", "256", "--recipe", "classic"]
 B, T, V = 4, 32, 257
 UNROLLED = ["--no-scan-layers"]
 
