@@ -136,7 +136,7 @@ def _nanochat_optimizer(config: Config, params: Any) -> optax.GradientTransforma
     and Muon (Nesterov 0.95, Polar Express orthogonalisation, no shape rescaling) on the block matrices. Not
     reproduced: its NorMuon variance reduction, row equilibration, Frobenius renormalisation, cautious weight
     decay and the momentum / weight-decay schedules of its training script."""
-    scale = (64 * config.depth / 768) ** -0.5
+    scale = (params["wte"]["embedding"].shape[-1] / 768) ** -0.5
     adamw = lambda lr, b1, b2, wd: optax.adamw(lr, b1=b1, b2=b2, eps=1e-10, weight_decay=wd)
     dims = lambda p: jax.tree.map(lambda _: MuonDimensionNumbers(reduction_axis=(1,), output_axis=(2,)), p)
     transforms = {
