@@ -13,13 +13,13 @@ other load than wall time, but shared caches still are.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,8 +112,8 @@ class Side:
             self.proc.wait(timeout=60)
 
 
-def spread(x: np.ndarray) -> str:
-    return f"{np.percentile(x, 10):.1f}–{np.percentile(x, 90):.1f}"
+def spread(x: np.ndarray, digits: int = 0) -> str:
+    return f"{np.percentile(x, 10):.{digits}f}–{np.percentile(x, 90):.{digits}f}"
 
 
 def run(config: Config, ctx) -> Results:
@@ -145,7 +145,7 @@ def run(config: Config, ctx) -> Results:
         for name in ("a", "b"):
             rows.append([f"d{depth}", name.upper(), np.median(cpu[name]), spread(cpu[name]), np.median(wall[name]),
                          procs[name].ready["loss"], None if name == "a" else float(np.median(ratio)),
-                         None if name == "a" else spread(ratio)])
+                         None if name == "a" else spread(ratio, 2)])
         metrics[f"d{depth}"] = {"cpu_ms": {n: v.tolist() for n, v in cpu.items()},
                                 "wall_ms": {n: v.tolist() for n, v in wall.items()},
                                 "first_loss": {n: p.ready["loss"] for n, p in procs.items()},
