@@ -95,9 +95,9 @@ class Config(DynamicSuffixConfig):
 
 def nanochat_config(config: Config) -> nanochat.Config:
     """nanochat's training config for this run: its optimizer (AdamW, clip 1) and LR shape serve both models. The
-    classic recipe: the analytic FLOPs below and the suffix freezing assume its uniform stack of blocks."""
+    classic recipe as one scan: the analytic FLOPs below assume its uniform stack of blocks and a scanned suffix."""
     return nanochat.Config(depth=config.depth, sequence_len=config.sequence_len, batch_size=config.batch_size,
-                           recipe="classic", lr=config.lr, eval_every=config.eval_every, eval_tokens=config.eval_tokens,
+                           recipe="classic", scan_layers=True, lr=config.lr, eval_every=config.eval_every, eval_tokens=config.eval_tokens,
                            data=config.data)
 
 
