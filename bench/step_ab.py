@@ -144,8 +144,8 @@ def run(config: Config, ctx) -> Results:
         ratio = cpu["b"] / cpu["a"]
         for name in ("a", "b"):
             rows.append([f"d{depth}", name.upper(), np.median(cpu[name]), spread(cpu[name]), np.median(wall[name]),
-                         procs[name].ready["loss"], None if name == "a" else float(np.median(ratio)),
-                         None if name == "a" else spread(ratio, 2)])
+                         procs[name].ready["loss"],
+                         None if name == "a" else f"{np.median(ratio):.3f} ({spread(ratio, 2)})"])
         metrics[f"d{depth}"] = {"cpu_ms": {n: v.tolist() for n, v in cpu.items()},
                                 "wall_ms": {n: v.tolist() for n, v in wall.items()},
                                 "first_loss": {n: p.ready["loss"] for n, p in procs.items()},
@@ -155,9 +155,8 @@ def run(config: Config, ctx) -> Results:
                    loadavg_before=load_before, loadavg_after=load_after, cpus=os.cpu_count())
     table = Table(f"nanochat train step on CPU, T={config.sequence_len}, B={config.batch_size}, fp32, "
                   f"{config.optimizer_type}, {config.recipe}; {config.rounds} rounds x {config.steps} steps",
-                  ["depth", "side", "CPU ms/step", "p10–p90", "wall ms/step", "first loss", "B/A CPU",
-                   "B/A p10–p90"], rows,
-                  note=f"A = {sides['a'][1]} {overrides['a'] or ''}; B = {sides['b'][1]} {overrides['b'] or ''}. "
+                  ["depth", "side", "CPU ms", "p10–p90", "wall ms", "loss 1", "B/A CPU (p10–p90)"], rows,
+                  note=f"ms per step; loss 1 = first step's loss. A = {sides['a'][1]} {overrides['a'] or ''}; B = {sides['b'][1]} {overrides['b'] or ''}. "
                        f"One XLA thread each, pinned to core {config.core}; load average {load_before[0]:.1f} before, "
                        f"{load_after[0]:.1f} after, on {os.cpu_count()} CPUs.")
     return Results(metrics=metrics, tables=[table])
