@@ -99,11 +99,12 @@ class Config(DynamicSuffixConfig):
 
 
 def nanochat_config(config: Config) -> nanochat.Config:
-    """nanochat's training config for this run: its optimizer (AdamW, clip 1) and LR shape serve both models.
-    Attention is the dense "xla" kernel: the FLOPs accounting below counts full T^2 attention."""
+    """nanochat's training config for this run: its optimizer (AdamW, clip 1) and LR shape serve both models. The
+    classic recipe as one scan with the dense "xla" attention: the analytic FLOPs below assume its uniform stack
+    of blocks, a scanned suffix and full T^2 attention."""
     return nanochat.Config(depth=config.depth, sequence_len=config.sequence_len, batch_size=config.batch_size,
-                           lr=config.lr, eval_every=config.eval_every, eval_tokens=config.eval_tokens,
-                           data=config.data, attention_type="xla")
+                           recipe="classic", scan_layers=True, lr=config.lr, eval_every=config.eval_every,
+                           eval_tokens=config.eval_tokens, data=config.data, attention_type="xla")
 
 
 def check_config(config: Config) -> Config:

@@ -16,6 +16,10 @@ The kernels live in mgr.methods.attention; nanochat's names for them:
 forward+backward of every kernel available for this (B, T, H, G, K, dtype, window) on random inputs and keeps the
 fastest whose output and gradients are within tolerance of the fp32 reference (mgr.methods.attention).
 
+Sliding windows (`window=w`: query t sees keys s with t - w < s <= t): "chunked" skips the key blocks outside the
+window, so its work falls with w; "xla" masks them densely (the whole T x S square is computed, and mgr.flops
+prices it as full attention); "jax"/"cudnn" get the window as jax's `local_window_size`.
+
 Shapes: B batch, T queries, S keys, H query heads, G key/value heads (GQA: H % G == 0), K head dim.
 """
 
@@ -50,8 +54,8 @@ def check_implementation(implementation: str) -> str:
 
 def causal_attention(q_BTHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, *, implementation: str = "xla",
                      q_offset: int | jax.Array | None = None, window: int | None = None) -> jax.Array:
-    """softmax(q k^T / sqrt(K)) v where query t (absolute position q_offset + t) sees keys s <= q_offset + t, and
-    with a window w only keys s > q_offset + t - w.
+    """softmax(q k^T / sqrt(K)) v where query t (absolute position p = q_offset + t) sees keys s <= p, and with
+    `window=w` only keys p - w < s <= p (w keys, itself included). window=None is full causal attention.
 
     q_offset=None means queries and keys are the same positions (training; T == S). A non-None q_offset (KV cache:
     keys are a whole cache buffer, queries start at position q_offset) is only supported by "xla".
@@ -61,6 +65,8 @@ def causal_attention(q_BTHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, *,
     S, G = k_BSGK.shape[1], k_BSGK.shape[2]
     if H % G:
         raise UserError(f"n_head={H} must be a multiple of n_kv_head={G}")
+    if window is not None and window < 1:
+        raise UserError(f"attention window must be >= 1 (or None for full causal), got {window}")
     if implementation == "xla":
         return A.naive(q_BTHK, k_BSGK, v_BSGK, causal=True, window=window, q_offset=0 if q_offset is None else q_offset)
     if q_offset is not None or T != S:

@@ -20,29 +20,42 @@ if TYPE_CHECKING:
     from nanochat.model import GPTConfig
 
 
-def kernel_init(fan_in: int, fan_out: int, *, zero: bool = False, std: float | None = None):
+def kernel_init(fan_in: int, fan_out: int, *, zero: bool = False, std: float | None = None,
+                uniform: bool = False):
     """nanochat's initialiser of a [fan_in, fan_out] kernel (see `linear`); structured layers (banded,
     low-rank) draw their dense counterpart with it so they start from the same weights."""
     if std is None:
         std = fan_in ** -0.5 * min(1.0, (fan_out / fan_in) ** 0.5)
-    return nnx.initializers.zeros_init() if zero else nnx.initializers.normal(std)
+    if zero:
+        return nnx.initializers.zeros_init()
+    return uniform_init(-3 ** 0.5 * std, 3 ** 0.5 * std) if uniform else nnx.initializers.normal(std)
 
 
-def linear(fan_in: int, fan_out: int, *, rngs: nnx.Rngs, zero: bool = False, std: float | None = None) -> nnx.Linear:
+def uniform_init(low: float, high: float):
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, low, high)
+
+
+def linear(fan_in: int, fan_out: int, *, rngs: nnx.Rngs, zero: bool = False, std: float | None = None,
+           uniform: bool = False) -> nnx.Linear:
     """Bias-free linear layer, kernel [fan_in, fan_out], initialised as nanochat does.
 
-    Default std = 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in)) (arXiv:2310.17813); `zero=True` for output
-    projections, so every residual block starts as the identity.
+    Default std = 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in)) (arXiv:2310.17813) from a normal; `uniform=True`
+    draws from U(-sqrt(3) std, sqrt(3) std) instead (the current recipe's init: same std, no outliers). `zero=True`
+    for output projections, so every residual block starts as the identity.
     """
-    return nnx.Linear(fan_in, fan_out, use_bias=False, kernel_init=kernel_init(fan_in, fan_out, zero=zero, std=std),
-                      rngs=rngs)
+    return nnx.Linear(fan_in, fan_out, use_bias=False,
+                      kernel_init=kernel_init(fan_in, fan_out, zero=zero, std=std, uniform=uniform), rngs=rngs)
 
 
 class ReluSquaredMLP(nnx.Module):
-    """nanochat's MLP: D -> 4D -> D with relu(x)^2 in between."""
+    """nanochat's MLP: D -> 4D -> D with relu(x)^2 in between. Under cfg.init == "current", c_fc is uniform with
+    std 0.4/sqrt(D) (the reference's scaled fc init)."""
 
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
-        self.c_fc = linear(cfg.n_embd, 4 * cfg.n_embd, rngs=rngs)
+        if cfg.init == "current":
+            self.c_fc = linear(cfg.n_embd, 4 * cfg.n_embd, rngs=rngs, std=0.4 * cfg.n_embd ** -0.5, uniform=True)
+        else:
+            self.c_fc = linear(cfg.n_embd, 4 * cfg.n_embd, rngs=rngs)
         self.c_proj = linear(4 * cfg.n_embd, cfg.n_embd, rngs=rngs, zero=True)
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:

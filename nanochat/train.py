@@ -33,7 +33,15 @@ from nanochat.attention import CHOICES, check_implementation, choose
 from nanochat.data import DataSpec, open_source, resolve_data
 from nanochat.data.sources import build_source
 from nanochat.data.loader import Loader
-from nanochat.model import GPT, GPTConfig, estimate_flops, generate, loss_fn
+from nanochat.model import GPT, RECIPES, GPTConfig, estimate_flops, generate, loss_fn
+
+OPTIMIZERS = ("nanochat", "adamw", "muon")
+# Polar Express (arXiv:2505.16932) coefficients for 5 iterations, as the reference's Muon uses them.
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
 from nanochat.tokenizer import bits_per_byte, load_tokenizer
 
 
@@ -43,10 +51,23 @@ class Config:
     sequence_len: int = field(default=256, metadata={"help": "tokens per row"})
     batch_size: int = field(default=16, metadata={"help": "rows per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per step (scanned)"})
-    optimizer_type: str = field(default="adamw", metadata={"help": "optimizer", "choices": ("adamw", "muon")})
-    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate (embedding and head under muon)"})
+    recipe: str = field(default="current", metadata={
+        "help": "model recipe: current = karpathy/nanochat's gpt.py today (value embeddings, smear, backout, "
+                "lambdas, qk scale 1.2, rope 1e5, SSSL windows, vocab padded to 64, its init); classic = the model "
+                "before them", "choices": tuple(RECIPES)})
+    optimizer_type: str = field(default="auto", metadata={
+        "help": "optimizer: nanochat = Muon on block matrices + AdamW per group (the reference's setup_optimizer); "
+                "adamw = one AdamW; muon = optax Muon + one AdamW; auto = nanochat (current) / adamw (classic)",
+        "choices": ("auto",) + OPTIMIZERS})
+    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate (adamw; embedding and head under muon)"})
     matrix_lr: float = field(default=0.02, metadata={"help": "Muon learning rate of the block matrices"})
-    weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay"})
+    embedding_lr: float = field(default=0.2, metadata={
+        "help": "nanochat optimizer: wte AdamW LR (value embeddings half of it), times (D/768)^-0.5"})
+    unembedding_lr: float = field(default=0.004, metadata={
+        "help": "nanochat optimizer: lm_head AdamW LR, times (D/768)^-0.5"})
+    scalar_lr: float = field(default=0.5, metadata={
+        "help": "nanochat optimizer: x0 lambdas LR (resid lambdas 0.01x; smear/backout fixed 0.2)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay (Muon matrices under nanochat)"})
     grad_clip: float = field(default=1.0, metadata={"help": "global-norm gradient clip (0 disables)"})
     lr_warmup_steps: int = field(default=0, metadata={
         "help": "linear LR warm-up steps; nanochat uses none (--warmup-steps only excludes steps from timing)"})
@@ -57,7 +78,10 @@ class Config:
                 "by an in-process probe (recorded in summary.json under results.attention)", "choices": CHOICES})
     dtype: str = field(default="auto", metadata={"help": "compute dtype (params stay fp32); auto = bf16 on GPU",
                                                  "choices": ("auto", "float32", "bfloat16")})
-    scan_layers: bool = field(default=True, metadata={"help": "run the blocks as a lax.scan (fast compile)"})
+    scan_layers: bool = field(default=False, metadata={
+        "help": "run the blocks as one lax.scan: compile time independent of depth, but a slower step on CPU "
+                "(unrolled: 0.77x the CPU time at d2, same numbers); the current recipe's per-layer windows and "
+                "value embeddings already split it into per-layer segments"})
     tokenizer: str = field(default="byte", metadata={"help": "'byte' or a directory from nanochat.tokenizer train"})
     data: str | None = field(default=None, metadata={"help": "text/parquet/.bin file, dir or glob; default synthetic"})
     data_format: str = field(default="auto", metadata={"help": "data format",
@@ -99,7 +123,14 @@ def compute_dtype(config: Config) -> str:
 
 
 def model_config(config: Config, vocab_size: int) -> GPTConfig:
-    return GPTConfig.from_depth(config.depth, vocab_size=vocab_size, sequence_len=config.sequence_len)
+    return GPTConfig.from_depth(config.depth, vocab_size=vocab_size, sequence_len=config.sequence_len,
+                                recipe=config.recipe)
+
+
+def optimizer_type(config: Config) -> str:
+    if config.optimizer_type != "auto":
+        return config.optimizer_type
+    return "nanochat" if config.recipe == "current" else "adamw"
 
 
 def resolve_attention(config: Config, cfg: GPTConfig) -> dict[str, Any]:
@@ -122,12 +153,54 @@ def _muon_dims(path, leaf) -> MuonDimensionNumbers | None:
     return MuonDimensionNumbers(reduction_axis=(leaf.ndim - 2,), output_axis=(leaf.ndim - 1,))
 
 
+def _nanochat_group(path, leaf) -> str:
+    """The reference's parameter group of a leaf (setup_optimizer); block matrices and the value-embedding gates
+    ([n, in, out], the gates live in its blocks) go to Muon."""
+    name = getattr(path[0], "key", None)
+    if _muon_dims(path, leaf) is not None or name == "ve_gates":
+        return "matrix"
+    if name in ("smear_gate", "smear_lambda", "backout_lambda"):
+        return "smear"
+    return {"wte": "embedding", "value_embeds": "value_embeds", "lm_head": "lm_head", "resid_lambdas": "resid",
+            "x0_lambdas": "x0"}.get(name, "other")
+
+
+def _nanochat_optimizer(config: Config, params: Any) -> optax.GradientTransformation:
+    """The reference's MuonAdamW: per-group AdamW (eps 1e-10, LRs of embeddings and head scaled by (D/768)^-0.5)
+    and Muon (Nesterov 0.95, Polar Express orthogonalisation, no shape rescaling) on the block matrices. Not
+    reproduced: its NorMuon variance reduction, row equilibration, Frobenius renormalisation, cautious weight
+    decay and the momentum / weight-decay schedules of its training script."""
+    scale = (params["wte"]["embedding"].shape[-1] / 768) ** -0.5
+    adamw = lambda lr, b1, b2, wd: optax.adamw(lr, b1=b1, b2=b2, eps=1e-10, weight_decay=wd)
+    # Every matrix-group leaf stacks matrices in its last two axes ([L, in, out], banded [L, K, in, out]).
+    dims = lambda p: jax.tree.map(lambda x: MuonDimensionNumbers(reduction_axis=(x.ndim - 2,),
+                                                                 output_axis=(x.ndim - 1,)), p)
+    transforms = {
+        "matrix": optax.chain(optax.contrib.scale_by_muon(ns_coeffs=POLAR_EXPRESS, ns_steps=5, beta=0.95,
+                                                          weight_dimension_numbers=dims),
+                              optax.add_decayed_weights(config.weight_decay), optax.scale_by_learning_rate(
+                                  config.matrix_lr)),
+        "lm_head": adamw(config.unembedding_lr * scale, 0.8, 0.96, 0.01),
+        "embedding": adamw(config.embedding_lr * scale, 0.8, 0.995, 0.001),
+        "value_embeds": adamw(config.embedding_lr * scale * 0.5, 0.8, 0.995, 0.01),
+        "resid": adamw(config.scalar_lr * 0.01, 0.8, 0.95, 0.05),
+        "x0": adamw(config.scalar_lr, 0.96, 0.95, 0.0),
+        "smear": adamw(0.2, 0.8, 0.95, 0.0),
+        "other": adamw(config.lr, 0.9, 0.95, config.weight_decay),  # parameters a swapped-in MLP adds
+    }
+    return optax.partition(transforms, jax.tree_util.tree_map_with_path(_nanochat_group, params))
+
+
 def make_optimizer(config: Config, params: Any) -> optax.GradientTransformation:
-    """AdamW everywhere, or nanochat's split: Muon on the stacked block matrices ([L, in, out]: orthogonalise each
-    layer's in x out matrix), AdamW on the embedding and the head. LR schedules multiply the updates in the step."""
+    """AdamW everywhere; optax's Muon on the stacked block matrices ([L, in, out]: orthogonalise each layer's
+    in x out matrix) with AdamW on the rest; or the reference's per-group split (_nanochat_optimizer).
+    LR schedules multiply the updates in the step."""
     clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()
-    if config.optimizer_type == "adamw":
+    kind = optimizer_type(config)
+    if kind == "adamw":
         return optax.chain(clip, optax.adamw(config.lr, b1=0.9, b2=0.95, weight_decay=config.weight_decay))
+    if kind == "nanochat":
+        return optax.chain(clip, _nanochat_optimizer(config, params))
     dims = jax.tree_util.tree_map_with_path(_muon_dims, params)
     return optax.chain(clip, optax.contrib.muon(
         config.matrix_lr, weight_decay=config.weight_decay, adam_learning_rate=config.lr, adam_b1=0.9,
@@ -282,7 +355,7 @@ def check_config(config: Config, budget=None) -> None:
             raise UserError(f"{_flag(name)} must be >= 0, got {getattr(config, name)}")
     if not 0 <= config.lr_warmdown_frac <= 1 or not 0 <= config.final_lr_frac <= 1:
         raise UserError("--lr-warmdown-frac and --final-lr-frac must lie in [0, 1]")
-    for name in ("lr", "matrix_lr"):
+    for name in ("lr", "matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr"):
         if not (math.isfinite(getattr(config, name)) and getattr(config, name) > 0):
             raise UserError(f"{_flag(name)} must be a positive finite number, got {getattr(config, name)}")
     for name in ("weight_decay", "grad_clip"):
@@ -314,16 +387,21 @@ def _check_resumable(config: Config, meta: dict, step: int, budget) -> None:
     if meta.get("mlp", _mlp_meta(Config())) != _mlp_meta(config):
         raise UserError(f"--resume {config.resume}: checkpoint MLP {meta.get('mlp')} differs from this run's "
                         f"{_mlp_meta(config)}")
-    if meta.get("optimizer_type") != config.optimizer_type:
+    if meta.get("optimizer_type") != optimizer_type(config):
         raise UserError(f"--resume {config.resume}: checkpoint optimizer {meta.get('optimizer_type')!r} differs "
-                        f"from --optimizer-type {config.optimizer_type}")
+                        f"from this run's {optimizer_type(config)!r} (--recipe / --optimizer-type)")
     if budget is not None and budget.max_iterations is not None and step >= budget.max_iterations:
         raise UserError(f"--resume {config.resume}: the checkpoint is at step {step}, already at or past "
                         f"--max-iterations {budget.max_iterations}; raise it to train further")
 
 
 def _check_same_model(flag: str, path: str, cfg: GPTConfig, meta: dict) -> None:
-    saved, mine = meta.get("model") or {}, dataclasses.asdict(cfg)
+    # Through GPTConfig, so a checkpoint saved before the recipe options existed reads as the classic model.
+    try:
+        saved = dataclasses.asdict(GPTConfig(**(meta.get("model") or {})))
+    except (TypeError, UserError):
+        saved = meta.get("model") or {}
+    mine = dataclasses.asdict(cfg)
     differ = [f"{k} {saved.get(k)} vs {mine.get(k)}" for k in sorted(set(saved) | set(mine))
               if saved.get(k) != mine.get(k)]
     if differ:
@@ -426,7 +504,7 @@ def run(config: Config, ctx) -> Results:
 
     def save(step, st):
         checkpointer.save(step, st, {"step": step, "data": train.state_dict(), "model": dataclasses.asdict(cfg),
-                                     "optimizer_type": config.optimizer_type, "data_flags": _data_flags(config),
+                                     "optimizer_type": optimizer_type(config), "data_flags": _data_flags(config),
                                      "mlp": _mlp_meta(config)})
 
     if checkpointer and config.checkpoint_every:

@@ -15,9 +15,10 @@ from nanochat.checkpoint import read_meta
 from nanochat.train import main
 from tests.conftest import one_error_line, read_json, read_metrics
 
-# vocab 257 (bytes + <|bos|>), width 64, one head of 64; the dense "xla" attention, whose FLOPs are the analytic
-# full-T² count (auto's probed choice is tested on its own)
-TINY = ["--depth", "1", "--sequence-len", "32", "--batch-size", "4", "--eval-tokens", "256", "--attention-type", "xla"]
+# vocab 257 (bytes + <|bos|>), width 64, one head of 64, the classic recipe; the dense "xla" attention, whose FLOPs
+# are the analytic full-T² count (auto's probed choice is tested on its own)
+TINY = ["--depth", "1", "--sequence-len", "32", "--batch-size", "4", "--eval-tokens", "256", "--recipe", "classic",
+        "--attention-type", "xla"]
 B, T, V = 4, 32, 257
 UNROLLED = ["--no-scan-layers"]
 
