@@ -53,6 +53,7 @@ from mgr.plots import plot_curves
 from mgr.report import register_section, tradeoff_section
 from mgr.quality import time_to_quality, value_at
 from mgr.results import Results, Table, fmt
+from mgr.timing import interleaved
 from mgr.methods.schedule import SCHEDULES, DynamicSuffixConfig, Schedule, allowed_levels, make_schedule
 from nanochat import train as nanochat
 from nanochat.model import rms_norm
@@ -332,23 +333,11 @@ class Driver:
 
 
 def time_variants(ctx, variants: dict, state: dict, batch: dict, rounds: int) -> dict[Any, list[float]]:
-    """ms per call of every step variant, calling them in turn ``rounds`` times after one untimed call each: the
-    schedules train one after another, so their own step times also differ by whatever else loads the machine
-    meanwhile; interleaved calls share it.
-
-    The executables are the ones ctx.train ran (ctx.compile), so nothing compiles again and the timed program is
-    the trained one. They donate their state, which is therefore threaded from call to call."""
-    jitted = {key: ctx.compile(fn, state, batch)[0] for key, fn in variants.items()}
-    state = jax.tree.map(jnp.copy, state)  # the caller's state must survive the donation
-    for fn in jitted.values():
-        state, _ = jax.block_until_ready(fn(state, batch))
-    samples: dict[Any, list[float]] = {key: [] for key in jitted}
-    for _ in range(rounds):
-        for key, fn in jitted.items():
-            t0 = time.perf_counter()
-            state, _ = jax.block_until_ready(fn(state, batch))
-            samples[key].append(1e3 * (time.perf_counter() - t0))
-    return samples
+    """ms per call of every step variant, called in turn (mgr.timing.interleaved): the schedules train one after
+    another, so their own step times also differ by whatever else loads the machine meanwhile. The executables are
+    the ones ctx.train ran (ctx.compile), so nothing compiles again and the timed program is the trained one."""
+    calls = {key: (ctx.compile(fn, state, batch)[0], state, batch) for key, fn in variants.items()}
+    return {key: list(t.samples_ms) for key, t in interleaved(calls, rounds).items()}
 
 
 def run(config: Config, ctx) -> Results:

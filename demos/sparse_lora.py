@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +37,7 @@ from mgr.methods import lora
 from mgr.methods import sparse_ffn as sf
 from mgr.plots import plot_curves
 from mgr.results import Results, Table
-from mgr.timing import Timing
+from mgr.timing import interleaved
 from nanochat import train as nanochat
 from nanochat.checkpoint import read_meta, restore_arrays
 from nanochat.model import GPTConfig, loss_fn, rms_norm
@@ -323,20 +322,6 @@ def phase(warm: int | None):
     return lambda step, last: "dense" if warm is None or step < warm else "sparse"
 
 
-def interleaved_ms(calls: dict[str, tuple[Any, dict, dict]], rounds: int) -> dict[str, Timing]:
-    """ms per call of every (executable, state, batch), called in turn ``rounds`` times after one untimed call each,
-    so load that changes over time hits every step alike. The executables donate their state, which is threaded."""
-    states = {k: jax.tree.map(jnp.copy, st) for k, (_, st, _) in calls.items()}
-    samples: dict[str, list[float]] = {k: [] for k in calls}
-    for r in range(rounds + 1):
-        for k, (exe, _, batch) in calls.items():
-            t0 = time.perf_counter()
-            states[k], _ = jax.block_until_ready(exe(states[k], batch))
-            if r:
-                samples[k].append(1e3 * (time.perf_counter() - t0))
-    return {k: Timing.from_samples(v) for k, v in samples.items()}
-
-
 def run(config: Config, ctx) -> Results:
     check_config(config)
     tokenizer = load_tokenizer("byte")
@@ -375,7 +360,7 @@ def run(config: Config, ctx) -> Results:
             exe, record = ctx.compile(fn, state, batch0)
             sweep[(r, s)] = {"plan": plan, "record": record}
             calls[f"sweep r={r} s={s:g}"] = (exe, state, batch0)
-    timings = interleaved_ms(calls, config.timing_rounds) if config.timing_rounds else {}
+    timings = interleaved(calls, config.timing_rounds) if config.timing_rounds else {}
 
     recalls = {}
     for name, (kind, plan, selector) in variants.items():

@@ -43,3 +43,20 @@ def measure(fn: Callable, *args, iters: int = 20, warmup: int = 3) -> Timing:
         jax.block_until_ready(fn(*args))
         samples.append((time.perf_counter() - start) * 1e3)
     return Timing.from_samples(samples)
+
+
+def interleaved(calls: dict[Any, tuple[Callable, Any, Any]], rounds: int) -> dict[Any, Timing]:
+    """ms per call of every ``(executable, state, batch)``, called in turn ``rounds`` times after one untimed call
+    each: variants trained one after another saw different machine load; calls in turn share it. Each executable
+    may donate its state (the step programs ctx.train ran do): a copy of it is threaded from call to call, so the
+    caller's state survives."""
+    states = {k: jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, st)
+              for k, (_, st, _) in calls.items()}
+    samples: dict[Any, list[float]] = {k: [] for k in calls}
+    for r in range(rounds + 1):
+        for k, (exe, _, batch) in calls.items():
+            t0 = time.perf_counter()
+            states[k], _ = jax.block_until_ready(exe(states[k], batch))
+            if r:
+                samples[k].append(1e3 * (time.perf_counter() - t0))
+    return {k: Timing.from_samples(v) for k, v in samples.items()}

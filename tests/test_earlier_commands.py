@@ -8,23 +8,12 @@ import pytest
 from nanochat.data import shard_name
 from nanochat.train import main
 from tests.conftest import one_error_line, read_json
-from tests.test_nanochat_download import Server, parquet_bytes
+from tests.test_nanochat_download import parquet_bytes, server  # noqa: F401 (server: the loopback fixture)
 
 EARLIER = ("--device cpu --auto-download-data --min-parquet-files 2 --attention-type standard --optimizer-type adamw "
            "--batch-size 8 --sequence-len 256 --target-flops 1e11 --warmup-steps 2 --artifacts-dir artifacts "
            "--artifacts-kind bench --artifacts-topic fixed_flops/nanochat --run-id 20251218_flops_smoke").split()
 RUN_DIR = "artifacts/bench/fixed_flops/nanochat/20251218_flops_smoke"
-
-
-@pytest.fixture
-def server(monkeypatch):
-    for var in ("no_proxy", "NO_PROXY"):
-        monkeypatch.setenv(var, "127.0.0.1,localhost")
-    s = Server()
-    s.thread.start()
-    yield s
-    s.httpd.shutdown()
-    s.httpd.server_close()
 
 
 def closed_port_url() -> str:
