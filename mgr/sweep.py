@@ -266,7 +266,7 @@ def run_sweep(sweep: Sweep, artifacts_dir: str, shard: tuple[int, int] = (0, 1),
     out = out or sys.stdout
     sweep_dir = Path(artifacts_dir) / KIND / sweep.name
     if sweep.shared_init:
-        sweep = dataclasses.replace(sweep, init_from=str(sweep_dir / INIT))
+        sweep = dataclasses.replace(sweep, init_from=os.path.abspath(sweep_dir / INIT))  # any shard's cwd
         try:
             init_args = parse_demo_args(sweep.demo, sweep.init_argv())
         except UserError as e:
