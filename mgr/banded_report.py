@@ -1,6 +1,7 @@
-"""The banded FC1/FC2 study's README, computed from its runs: pure functions from per-configuration rows to
-markdown sections and charts (`mgr report` wires them to a sweep directory), plus the row builders for nanochat
-summaries and for the earlier experiment's llm.c logs (`s:<step> tel:<val loss>` lines).
+"""The banded FC1/FC2 study's README sections, computed from its runs: pure functions from per-configuration rows to
+markdown and charts, plugged into `mgr report` by the study's specs (``[report] sections`` / ``columns``:
+``section`` and ``columns`` below), plus the row builders for nanochat summaries and for the earlier experiment's
+llm.c logs (`s:<step> tel:<val loss>` lines; tabulate them with ``render``).
 
 A row is one configuration: the baseline (both bandwidths 0), FC1 only, FC2 only, or FC1+FC2 (equal bandwidths).
 Every claim of the analysis carries the numbers behind it. Rows come from one seed each, so there is no confidence
@@ -14,7 +15,6 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from mgr.artifacts import atomic_write_text, read_json
 from mgr.methods.banded import element_band_density
 from mgr.plots import figure, save
 from mgr.results import Table, fmt
@@ -32,7 +32,6 @@ class ConfigRow:
     evals: tuple[tuple[int, float], ...]                  # (step, val loss), in step order
     flops_per_step: float | None = None
     tokens_per_second: float | None = None
-    time_curve: tuple[tuple[float, float], ...] = ()      # (training seconds, val loss)
 
     @property
     def kind(self) -> str:
@@ -76,8 +75,7 @@ def row_from_summary(name: str, summary: dict[str, Any]) -> ConfigRow:
         name=name, fc1_bandwidth=mlp["fc1"]["bandwidth"], fc2_bandwidth=mlp["fc2"]["bandwidth"],
         fc1_density=mlp["fc1"]["density"], fc2_density=mlp["fc2"]["density"],
         evals=tuple((e["step"], e["val_loss"]) for e in series),
-        flops_per_step=r.get("flops_per_step_measured"), tokens_per_second=r.get("tokens_per_second"),
-        time_curve=tuple((e["train_s_est"], e["val_loss"]) for e in series if e.get("train_s_est") is not None))
+        flops_per_step=r.get("flops_per_step_measured"), tokens_per_second=r.get("tokens_per_second"))
 
 
 def meta_from_summary(summary: dict[str, Any]) -> dict[str, Any]:
@@ -145,18 +143,6 @@ def delta_pct(row: ConfigRow, base: ConfigRow) -> float | None:
     return 100 * (row.final_val_loss - base.final_val_loss) / base.final_val_loss
 
 
-def time_to_loss(row: ConfigRow, target: float) -> float | None:
-    """Training seconds at which the val-loss curve first reaches ``target`` (linear between evals); None if not."""
-    prev = None
-    for t, loss in row.time_curve:
-        if loss <= target:
-            if prev is None or prev[1] == loss:
-                return t
-            return prev[0] + (prev[1] - target) / (prev[1] - loss) * (t - prev[0])
-        prev = (t, loss)
-    return None
-
-
 def overview(meta: dict[str, Any], rows: Sequence[ConfigRow]) -> str:
     facts = ", ".join(f"{k} {fmt(meta[k])}" for k in ("C", "L", "NH", "vocab", "T") if meta.get(k) is not None)
     lines = ["## Overview", "", f"- architecture: {facts or 'not recorded'}"]
@@ -192,22 +178,6 @@ def bandwidth_tables(rows: Sequence[ConfigRow]) -> list[Table]:
 
 def _bold(value: float | None, bold: bool) -> str:
     return "—" if value is None else (f"**{value:.4f}**" if bold else f"{value:.4f}")
-
-
-def summary_table(rows: Sequence[ConfigRow]) -> Table:
-    base = _baseline(rows)
-    target = base.final_val_loss
-    body = []
-    for r in rows:
-        reached = time_to_loss(r, target) if target is not None and r.time_curve else None
-        body.append([r.name, KINDS.get(r.kind, r.kind), str(r.bandwidth or "—"), _pct(r.mlp_density),
-                     None if r.final_val_loss is None else f"{r.final_val_loss:.4f}",
-                     "—" if r is base else f"{delta_pct(r, base):+.2f}%", r.flops_per_step, r.tokens_per_second,
-                     ("not reached" if r.time_curve else "—") if reached is None else f"{reached:.1f} s"])
-    return Table("Final val loss, FLOPs and time", ["config", "layer", "bandwidth", "MLP density", "final val loss", "Δ vs baseline",
-                             "FLOPs/step", "tokens/s", "time to baseline's final loss"], body,
-                 note="FLOPs/step: mgr.flops of the compiled train step; time: training seconds (median step time "
-                      "× steps, evals excluded) at which the val loss first reaches the baseline's final value.")
 
 
 def analysis(rows: Sequence[ConfigRow], *, tolerance_pct: float = 1.0, tie_pct: float = 0.1) -> list[str]:
@@ -266,7 +236,7 @@ def analysis(rows: Sequence[ConfigRow], *, tolerance_pct: float = 1.0, tie_pct: 
 
 
 def charts(rows: Sequence[ConfigRow], plot_dir: Path) -> list[Path]:
-    """val loss vs step per bandwidth, final Δ vs density, val loss vs training time."""
+    """val loss vs step per bandwidth, final Δ vs density (mgr report draws loss vs time for every sweep)."""
     base, bws, paths = _baseline(rows), _bandwidths(rows), []
     plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
@@ -289,39 +259,48 @@ def charts(rows: Sequence[ConfigRow], plot_dir: Path) -> list[Path]:
                title="final val loss vs density")
         ax.legend()
         paths.append(save(fig, plot_dir / "delta_vs_density.png"))
-    timed = [r for r in rows if r.time_curve]
-    if timed:
-        fig, (ax,) = figure()
-        for r in timed:
-            ax.plot(*zip(*r.time_curve), marker="o", markersize=3, label=r.name)
-        ax.set(xlabel="training seconds (median step time × steps)", ylabel="val loss", title="val loss vs time")
-        ax.legend(fontsize=7)
-        paths.append(save(fig, plot_dir / "val_loss_vs_time.png"))
     return paths
 
 
-def render(title: str, meta: dict[str, Any], rows: Sequence[ConfigRow], *, plot_dir: Path | None = None,
-           tolerance_pct: float = 1.0) -> str:
-    """The whole README; charts are written into ``plot_dir`` (linked relative to its parent) when given."""
-    parts = [f"# {title}", "", overview(meta, rows), "## Validation loss at each eval", ""]
+def render(meta: dict[str, Any], rows: Sequence[ConfigRow], *, plot_dir: Path | None = None,
+           tolerance_pct: float = 1.0, title: str | None = None) -> str:
+    """Overview, the per-bandwidth tables, the analysis and (into ``plot_dir``, linked relative to it) the charts.
+
+    ``mgr report`` calls it through ``section``; for the earlier experiment's llm.c logs call it directly::
+
+        rows = rows_from_llmc_logs({p.name: p.read_text() for p in Path("logs").glob("log_*.txt")})
+        Path("README.md").write_text(render({"C": 768, "L": 12, "NH": 12}, rows, plot_dir=Path("."), title="..."))
+    """
+    parts = ([f"# {title}", ""] if title else []) + [overview(meta, rows), "## Validation loss at each eval", ""]
     parts += [t.markdown() for t in bandwidth_tables(rows)]
-    parts += ["## Summary", "", summary_table(rows).markdown(), "## Analysis", ""]
-    parts += [f"- {line}" for line in analysis(rows, tolerance_pct=tolerance_pct)]
+    parts += ["## Analysis", ""] + [f"- {line}" for line in analysis(rows, tolerance_pct=tolerance_pct)]
     if plot_dir is not None:
-        parts += ["", "## Charts", ""]
-        parts += [f"![{p.stem}]({Path(plot_dir).name}/{p.name})" for p in charts(rows, plot_dir)]
+        parts += ["", "## Charts", ""] + [f"![{p.stem}]({p.name})" for p in charts(rows, plot_dir)]
     return "\n".join(parts) + "\n"
 
 
-def write_report(title: str, runs: dict[str, Path], out_dir: Path, meta: dict[str, Any] | None = None,
-                 **kw) -> Path:
-    """README.md and plots/ in ``out_dir`` from nanochat run directories by configuration name; the overview's
-    facts come from the first run, updated with ``meta`` (e.g. {"data": ...})."""
-    summaries = {name: read_json(Path(run) / "summary.json") for name, run in runs.items()}
-    rows = [row_from_summary(name, s) for name, s in summaries.items()]
-    meta = {**meta_from_summary(next(iter(summaries.values()))), **(meta or {})}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "README.md"
-    atomic_write_text(path, render(title, meta, rows, plot_dir=out_dir / "plots", **kw))
-    return path
+# --- mgr report: [report] sections = ["mgr.banded_report:section"], columns = ["mgr.banded_report:columns"] --
+
+def _banded_runs(report) -> list:
+    return [r for r in report.runs if (r.summary or {}).get("results", {}).get("mlp")]
+
+
+def columns(run) -> dict[str, Any]:
+    """The summary table's extra columns (mgr.report.summary_table): which layer is banded, the MLP's density."""
+    mlp = (run.summary or {}).get("results", {}).get("mlp")
+    if not mlp:
+        return {}
+    row = row_from_summary(run.name, run.summary)
+    return {"layer": KINDS.get(row.kind, row.kind), "MLP density": _pct(row.mlp_density)}
+
+
+def section(report) -> str:
+    """The banded study's sections of ``mgr report``'s README, from the sweep's nanochat run directories (the
+    summary table, loss-vs-time plot and time to the baseline's loss are mgr.report's own)."""
+    runs = _banded_runs(report)
+    rows = [row_from_summary(r.name, r.summary) for r in runs]
+    if sum(r.kind == "baseline" for r in rows) != 1:
+        return "## Banded FC1/FC2\n\nWaiting for exactly one completed baseline run (both bandwidths 0).\n"
+    config = runs[0].config.get("config") or {}
+    meta = {**meta_from_summary(runs[0].summary), "data": config.get("data") or "synthetic default (nanochat.data)"}
+    return render(meta, rows, plot_dir=report.sweep_dir)

@@ -14,8 +14,10 @@ For each training variant the README holds:
 
 Studies add their own sections or columns: ``register_section(demo, fn)`` (``fn(report) -> markdown``) and
 ``register_columns(demo, fn)`` (``fn(run) -> {column: value}``), or name them in the spec as
-``[report] sections = ["package.module:function"]`` (a section function). ``[report] baseline``/``group_by`` in the
-spec set the defaults of ``--baseline``/``--group-by``.
+``[report] sections = ["package.module:function"]`` (section functions, after the tables) and
+``[report] columns = ["package.module:function"]`` (summary-table columns). ``[report] baseline``/``group_by`` in
+the spec set the defaults of ``--baseline``/``--group-by``. Run directories whose names start with ``_`` (the
+sweep's shared ``_init``) are not configurations.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class Report:
     baseline: RunData | None
     key_params: list[str]
     group_by: str | None
+    columns: list[Callable[["RunData"], dict[str, Any]]] = dataclasses.field(default_factory=list)  # [report]
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -114,7 +117,7 @@ def load(sweep_dir: Path) -> tuple[str, list[RunData], dict]:
     record = read_json(sweep_dir / "sweep.json") if (sweep_dir / "sweep.json").exists() else {}
     listed = [c["name"] for c in record.get("configs", [])]
     found = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and ".attempt" not in p.name
-                   and (p / "config.json").exists())
+                   and not p.name.startswith("_") and (p / "config.json").exists())
     runs = []
     for name in listed + [n for n in found if n not in listed]:
         run_dir = sweep_dir / name
@@ -200,7 +203,7 @@ def summary_table(report: Report, variant: str, several_variants: bool) -> Table
     target = float(np.mean(list(base_final.values()))) if base_final else None
     base_tt = ({f: _time_to(base.points(variant), base_final, target, f) for f in ("train_s", "wall_s")}
                if base else {})
-    extra_fns = COLUMNS.get(report.demo, [])
+    extra_fns = COLUMNS.get(report.demo, []) + report.columns
     rows, extra_cols = [], []
     for run in report.runs:
         trains = run.trains.get(variant, {})
@@ -275,7 +278,7 @@ def build(sweep_dir: Path, baseline: str | None = None, group_by: str | None = N
     if group_by is not None and group_by not in keys:
         raise UserError(f"--group-by {group_by}: not a config.json field; fields: {', '.join(keys)}")
     report = Report(sweep_dir, demo, metric, runs, next((r for r in runs if r.name == baseline), None), key_params,
-                    group_by)
+                    group_by, [_import(path, "columns") for path in options.get("columns", [])])
     variants = list(dict.fromkeys(v for r in runs for v in r.trains))
     done = sum(r.status == "completed" for r in runs)
     lines = [f"# Sweep {sweep_dir.name}: {demo}", "",
@@ -291,7 +294,7 @@ def build(sweep_dir: Path, baseline: str | None = None, group_by: str | None = N
         lines.append(summary_table(report, variant, len(variants) > 1).markdown())
     for table in step_tables(report, variants):
         lines.append(table.markdown())
-    for fn in SECTIONS.get(demo, []) + [_import(path) for path in options.get("sections", [])]:
+    for fn in SECTIONS.get(demo, []) + [_import(path, "sections") for path in options.get("sections", [])]:
         lines += [fn(report), ""]
     for file in plots(report, variants):
         lines += [f"![{file}]({file})", ""]
@@ -300,12 +303,12 @@ def build(sweep_dir: Path, baseline: str | None = None, group_by: str | None = N
     return text
 
 
-def _import(path: str) -> Callable[[Report], str]:
+def _import(path: str, key: str) -> Callable:
     module, _, name = path.partition(":")
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise UserError(f"[report] sections: cannot load {path!r} ({e})") from None
+        raise UserError(f"[report] {key}: cannot load {path!r} ({e})") from None
 
 
 def add_report_flags(parser: argparse.ArgumentParser) -> None:

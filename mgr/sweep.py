@@ -15,6 +15,12 @@ A spec file (TOML)::
     [grid]                        # ... and/or a grid (crossed with every named configuration)
     seed = [0, 1]
 
+``shared_init = true`` (top level) gives every configuration the same initial model: the sweep first runs the
+shared [flags] once with ``--init-only`` as ``artifacts/sweeps/<name>/_init/`` (skipped when that run completed,
+so a resumed sweep reuses it; shards take turns under a file lock) and passes ``--init-from <that run dir>`` to
+every configuration (the demo must have both flags, as nanochat does). ``[report]`` holds ``mgr report``'s options
+(see mgr.report).
+
 Configuration i runs as ``artifacts/sweeps/<name>/<config>/`` (kind "sweeps", topic the sweep's name), so every
 tool that reads a run directory reads it. ``sweep.json`` in ``artifacts/sweeps/<name>/`` lists the configurations
 and their status; each update is a read-modify-write under an exclusive file lock (``sweep.json.lock``) written
@@ -54,7 +60,8 @@ SCHEMA = "mgr.sweep.v1"
 KIND = "sweeps"
 DONE = "completed"
 # Flags a sweep sets itself for every configuration.
-_RESERVED = ("run_id", "artifacts_dir", "artifacts_kind", "artifacts_topic")
+_RESERVED = ("run_id", "artifacts_dir", "artifacts_kind", "artifacts_topic", "init_from", "init_only")
+INIT = "_init"  # the shared initial model's run directory (shared_init); mgr report skips names starting with _
 
 
 def mean_and_spread(values) -> dict[str, float]:
@@ -77,9 +84,15 @@ class Sweep:
     shared_argv: tuple[str, ...]
     configs: tuple[SweepConfig, ...]
     report: dict = dataclasses.field(default_factory=dict)  # the spec's [report] options, for mgr report
+    shared_init: bool = False
+    init_from: str | None = None  # the shared init run every configuration starts from (set by run_sweep)
 
     def argv(self, config: SweepConfig) -> list[str]:
-        return [*self.shared_argv, *flags_to_argv(config.flags)]
+        init = ["--init-from", self.init_from] if self.init_from else []
+        return [*self.shared_argv, *flags_to_argv(config.flags), *init]
+
+    def init_argv(self) -> list[str]:
+        return [*self.shared_argv, "--init-only"]
 
 
 def flags_to_argv(flags: dict[str, Any]) -> list[str]:
@@ -137,14 +150,18 @@ def load_spec(path: str, name: str | None, extra_argv: list[str]) -> Sweep:
         raise UserError(f"--spec {path} does not exist") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"--spec {path} is not valid TOML: {e}") from None
-    unknown = set(spec) - {"demo", "name", "flags", "config", "grid", "report"}
+    keys = ("demo", "name", "flags", "config", "grid", "report", "shared_init")
+    unknown = set(spec) - set(keys)
     if unknown:
-        raise UserError(f"--spec {path}: unknown keys {', '.join(sorted(unknown))} (demo, name, flags, config, grid)")
+        raise UserError(f"--spec {path}: unknown keys {', '.join(sorted(unknown))} ({', '.join(keys)})")
     if not isinstance(spec.get("demo"), str):
         raise UserError(f"--spec {path} needs demo = \"<name>\"")
+    if not isinstance(spec.get("shared_init", False), bool):
+        raise UserError(f"--spec {path}: shared_init must be true or false")
     configs = expand(list(spec.get("config", [])), dict(spec.get("grid", {})))
     return Sweep(spec["demo"], name or spec.get("name") or Path(path).stem,
-                 (*flags_to_argv(dict(spec.get("flags", {}))), *extra_argv), configs, dict(spec.get("report", {})))
+                 (*flags_to_argv(dict(spec.get("flags", {}))), *extra_argv), configs, dict(spec.get("report", {})),
+                 spec.get("shared_init", False))
 
 
 def from_grid(demo: str, grid_args: list[str], name: str | None, extra_argv: list[str]) -> Sweep:
@@ -247,6 +264,13 @@ def run_sweep(sweep: Sweep, artifacts_dir: str, shard: tuple[int, int] = (0, 1),
     from mgr.results import fmt
 
     out = out or sys.stdout
+    sweep_dir = Path(artifacts_dir) / KIND / sweep.name
+    if sweep.shared_init:
+        sweep = dataclasses.replace(sweep, init_from=os.path.abspath(sweep_dir / INIT))  # any shard's cwd
+        try:
+            init_args = parse_demo_args(sweep.demo, sweep.init_argv())
+        except UserError as e:
+            raise UserError(f"shared_init: {e}") from None
     parsed = {}
     for c in sweep.configs:  # every configuration checked before anything runs
         try:
@@ -258,7 +282,6 @@ def run_sweep(sweep: Sweep, artifacts_dir: str, shard: tuple[int, int] = (0, 1),
         raise UserError(f"configurations ask for different --device values: {', '.join(sorted(devices))}")
     select_device(devices.pop())
     mine = [c for i, c in enumerate(sweep.configs) if i % shard[1] == shard[0]]
-    sweep_dir = Path(artifacts_dir) / KIND / sweep.name
     print(f"sweep {sweep.name}: {len(sweep.configs)} configurations of {sweep.demo}"
           + (f", shard {shard[0]}/{shard[1]}: {len(mine)}" if shard[1] > 1 else "") + f" -> {sweep_dir}", file=out)
     if dry_run:
@@ -271,6 +294,11 @@ def run_sweep(sweep: Sweep, artifacts_dir: str, shard: tuple[int, int] = (0, 1),
         return 0
     record = SweepRecord(sweep_dir)
     record.init(sweep)
+    if sweep.shared_init and mine:
+        outcome = _shared_init(sweep, init_args, sweep_dir, artifacts_dir, out)
+        if outcome != DONE:
+            print(f"shared init {outcome}: rerun the same command to retry", file=out)
+            return 130 if outcome == "interrupted" else 1
     failed = 0
     for c in mine:
         run_dir = sweep_dir / c.name
@@ -310,6 +338,37 @@ def run_sweep(sweep: Sweep, artifacts_dir: str, shard: tuple[int, int] = (0, 1),
     if failed:
         print(f"{failed} configuration(s) did not complete: rerun the same command to retry them", file=out)
     return 1 if failed else 0
+
+
+def _shared_init(sweep: Sweep, parsed, sweep_dir: Path, artifacts_dir: str, out) -> str:
+    """Run the shared flags once with --init-only as <sweep>/_init unless that completed; its status."""
+    from mgr.launcher import launch
+    run_dir = sweep_dir / INIT
+    with open(sweep_dir / f"{INIT}.lock", "a") as lock:  # one shard makes it, the others wait and reuse it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            status = _status_of(run_dir)
+            if status == DONE:
+                print(f"skip {INIT}: completed (the shared initial model)", file=out)
+                return DONE
+            if run_dir.exists():
+                aside = _set_aside(run_dir)
+                print(f"rerun {INIT}: the previous attempt was {status or 'cut off'}; kept as {aside.name}", file=out)
+            else:
+                print(f"run {INIT}: the shared initial model (--init-only)", file=out)
+            demo, config, args, budget = parsed
+            try:
+                _, summary = launch(demo, config, budget=budget, seed=args.seed, seeds=getattr(args, "seeds", ()),
+                                    artifacts_dir=artifacts_dir, kind=KIND, topic=sweep.name, run_id=INIT,
+                                    argv=["mgr", "sweep", sweep.demo, *sweep.init_argv()])
+                return summary["status"]
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:
+                print(f"failed {INIT}: {str(e).splitlines()[0] if str(e) else e.__class__.__name__}", file=out)
+                return "failed"
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def add_sweep_flags(parser: argparse.ArgumentParser) -> None:

@@ -369,6 +369,8 @@ def check_config(config: Config, budget=None) -> None:
     kind, target = resolve_data(data_spec(config))
     if kind == "bin":  # memory-mapped: reading the ids' range costs one pass, and saves a doomed run
         check_token_ids(build_source(kind, target, seed=0, row_len=config.sequence_len + 1), tokenizer, config)
+    if config.init_from and config.resume:
+        raise UserError("--init-from and --resume exclude each other (resume restores the parameters too)")
     if config.resume:
         _, step, meta = read_meta(config.resume)
         _check_resumable(config, meta, step, budget)

@@ -1,7 +1,8 @@
 """The banded study's report (mgr/banded_report.py) on synthetic rows whose answers are known by construction,
-and the llm.c log parser."""
+its sections and columns inside `mgr report` on synthetic run directories, and the llm.c log parser."""
 
 import dataclasses
+import json
 
 import pytest
 
@@ -23,9 +24,8 @@ def make_row(name, kind, bw, flops=100.0, tps=1000.0):
     fc2 = bw if kind in ("fc2", "both") else 0
     final = BASE + PENALTY.get((kind, bw), 0.0)
     evals = tuple((s, final + 0.5 * (STEPS[-1] - s) / 10) for s in STEPS)
-    step_s = 512 / tps
     return R.ConfigRow(name, fc1, fc2, DENS.get(fc1, 1.0), DENS.get(fc2, 1.0), evals, flops_per_step=flops,
-                       tokens_per_second=tps, time_curve=tuple((s * step_s, v) for s, v in evals))
+                       tokens_per_second=tps)
 
 
 @pytest.fixture
@@ -50,18 +50,6 @@ def test_bandwidth_tables_hold_every_eval_of_the_four_layouts(rows):
     assert t.rows[0][1] == f"{BASE + 1.0:.4f}"
 
 
-def test_summary_table_deltas_flops_and_time_to_baseline_loss(rows):
-    table = R.summary_table(rows)
-    by_name = {r[0]: r for r in table.rows}
-    assert by_name["baseline"][5] == "—" and by_name["baseline"][8] == f"{30 * 512 / 1000:.1f} s"
-    assert by_name["fc1-128"][5] == "+1.50%" and by_name["fc1-128"][3] == "58.3%"
-    assert by_name["both-64"][3] == "8.3%"
-    assert by_name["both-64"][8] == "not reached"  # its final loss stays above the baseline's
-    # A curve that crosses the target between evals is interpolated linearly.
-    row = R.ConfigRow("x", 0, 0, 1, 1, ((1, 3.0), (2, 1.0)), time_curve=((10.0, 3.0), (20.0, 1.0)))
-    assert R.time_to_loss(row, 2.5) == pytest.approx(12.5) and R.time_to_loss(row, 0.5) is None
-
-
 def test_analysis_answers_the_study_questions_with_numbers(rows):
     text = "\n".join(R.analysis(rows, tolerance_pct=1.0, tie_pct=0.1))
     assert "Scale of eval noise" not in text  # the synthetic baseline falls monotonically
@@ -82,14 +70,14 @@ def test_analysis_answers_the_study_questions_with_numbers(rows):
 
 def test_render_writes_every_section_and_the_charts(rows, tmp_path):
     meta = {"C": 192, "L": 3, "NH": 3, "vocab": 257, "T": 64, "steps": 30}
-    text = R.render("Banded FC1/FC2", meta, rows, plot_dir=tmp_path / "plots")
-    for heading in ("## Overview", "### Density by bandwidth", "### Bandwidth = 64", "## Summary", "## Analysis",
-                    "## Charts"):
+    text = R.render(meta, rows, plot_dir=tmp_path, title="Banded FC1/FC2")
+    for heading in ("# Banded FC1/FC2", "## Overview", "### Density by bandwidth", "### Bandwidth = 64",
+                    "## Analysis", "## Charts"):
         assert heading in text
     assert "| 64 | 8.3% | 8.3% | 8.3% |" in text
-    for name in ("val_loss_by_bandwidth", "delta_vs_density", "val_loss_vs_time"):
-        assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 0
-        assert f"](plots/{name}.png)" in text
+    for name in ("val_loss_by_bandwidth", "delta_vs_density"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
+        assert f"]({name}.png)" in text
     assert all(len(line) <= 200 or line.startswith("|") for line in text.splitlines())
 
 
@@ -113,25 +101,47 @@ def test_llmc_logs_parse_into_rows():
     assert [t.title for t in table] == ["Bandwidth = 512", "Bandwidth = 256"]
 
 
-def test_write_report_reads_nanochat_summaries(rows, tmp_path):
-    import json
-    runs = {}
-    for r in rows:
-        series = [{"step": s, "val_loss": v, "val_bpb": None, "train_s_est": t}
-                  for (s, v), (t, _) in zip(r.evals, r.time_curve)]
-        summary = {"budget": {"steps": 30}, "meta": {"device": {"device_kind": "cpu"}, "command": "mgr run nanochat"},
-                   "results": {"model": {"n_embd": 192, "n_layer": 3, "n_head": 3, "vocab_size": 257,
-                                         "sequence_len": 64},
-                               "tokens_per_step": 512, "flops_per_step_measured": r.flops_per_step,
-                               "tokens_per_second": r.tokens_per_second, "val_bpb_series": series,
-                               "mlp": {"fc1": {"bandwidth": r.fc1_bandwidth, "density": r.fc1_density},
-                                       "fc2": {"bandwidth": r.fc2_bandwidth, "density": r.fc2_density}}}}
-        (tmp_path / r.name).mkdir()
-        (tmp_path / r.name / "summary.json").write_text(json.dumps(summary))
-        runs[r.name] = tmp_path / r.name
-    path = R.write_report("study", runs, tmp_path / "report", meta={"data": "synthetic"})
-    text = path.read_text()
-    assert text == R.render("study", {"C": 192, "L": 3, "NH": 3, "vocab": 257, "T": 64, "tokens_per_step": 512,
-                                      "steps": 30, "device": "cpu", "command": "mgr run nanochat",
-                                      "data": "synthetic"}, rows, plot_dir=tmp_path / "again" / "plots")
-    assert "- architecture: C 192, L 3, NH 3, vocab 257, T 64" in text and "- data: synthetic" in text
+def test_mgr_report_plugs_in_the_banded_section_and_columns(rows, tmp_path):
+    """A sweep directory as `mgr sweep --spec experiments/banded_fc_cpu.toml` leaves it (run dirs, sweep.json
+    with the spec's [report], the shared _init run) gives one README: mgr.report's summary table with the layer and
+    density columns, then the banded sections."""
+    from mgr.report import build
+    sweep_dir = tmp_path / "sweeps" / "banded"
+    report_opts = {"baseline": "baseline", "sections": ["mgr.banded_report:section"],
+                   "columns": ["mgr.banded_report:columns"]}
+    for r in rows + [make_row("_init", "baseline", 0)]:
+        step_s = 512 / r.tokens_per_second
+        series = [{"step": s, "val_loss": v, "val_bpb": None, "train_s_est": s * step_s} for s, v in r.evals]
+        points = [{"step": s, "flops": s * r.flops_per_step, "train_s": s * step_s, "wall_s": 2 * s * step_s,
+                   "value": v} for s, v in r.evals]
+        results = {"model": {"n_embd": 192, "n_layer": 3, "n_head": 3, "vocab_size": 257, "sequence_len": 64},
+                   "tokens_per_step": 512, "flops_per_step_measured": r.flops_per_step,
+                   "tokens_per_second": r.tokens_per_second, "val_bpb_series": series,
+                   "mlp": {"fc1": {"bandwidth": r.fc1_bandwidth, "density": r.fc1_density},
+                           "fc2": {"bandwidth": r.fc2_bandwidth, "density": r.fc2_density}},
+                   "train": {"nanochat": {"steps": 30, "flops_per_step": r.flops_per_step, "eval_points": points}}}
+        (sweep_dir / r.name).mkdir(parents=True)
+        (sweep_dir / r.name / "summary.json").write_text(json.dumps({
+            "status": "completed", "budget": {"steps": 30}, "results": results,
+            "meta": {"device": {"device_kind": "cpu"}, "command": "mgr sweep nanochat"}}))
+        (sweep_dir / r.name / "config.json").write_text(json.dumps({"demo": "nanochat", "seed": 0, "config": {
+            "fc1_bandwidth": r.fc1_bandwidth, "fc2_bandwidth": r.fc2_bandwidth, "data": None}}))
+    (sweep_dir / "sweep.json").write_text(json.dumps({"demo": "nanochat", "report": report_opts,
+                                                      "configs": [{"name": r.name} for r in rows]}))
+    text = build(sweep_dir)
+    assert "10 configurations, 10 completed" in text and "_init" not in text
+    summary = text[text.index("### Summary"):text.index("### val_loss at every eval step")]
+    header = next(l for l in summary.splitlines() if l.startswith("| configuration"))
+    assert header.startswith("| configuration | fc1_bandwidth | fc2_bandwidth | status |")
+    assert header.endswith("| layer | MLP density |")
+    both64 = next(l for l in summary.splitlines() if l.startswith("| both-64 |")).split(" | ")
+    assert both64[-2:] == ["FC1+FC2", "8.3% |"] and both64[-4] == "not reached"  # it ends above the baseline
+    fc1_128 = next(l for l in summary.splitlines() if l.startswith("| fc1-128 |")).split(" | ")
+    assert fc1_128[7] == "+1.5% (n=1)" and fc1_128[-1] == "58.3% |"
+    banded = text[text.index("## Overview"):]
+    assert banded.startswith(R.render({"C": 192, "L": 3, "NH": 3, "vocab": 257, "T": 64, "tokens_per_step": 512,
+                                       "steps": 30, "device": "cpu", "command": "mgr sweep nanochat",
+                                       "data": "synthetic default (nanochat.data)"}, rows,
+                                      plot_dir=tmp_path / "again").rstrip())
+    for plot in ("val_loss_by_bandwidth.png", "delta_vs_density.png", "loss_vs_time.png"):
+        assert (sweep_dir / plot).stat().st_size > 0 and f"]({plot})" in text

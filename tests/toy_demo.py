@@ -9,6 +9,7 @@ enough to be interrupted or to hit a time budget.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import jax
@@ -32,6 +33,8 @@ class Config:
     eval_every: int = field(default=5, metadata={"help": "steps between evaluations (0: only at the end)"})
     init: str = field(default="zeros", metadata={"help": "weight init", "choices": ("zeros", "normal")})
     variants: tuple[str, ...] = field(default=VARIANTS, metadata={"help": "comma-separated subset of baseline,cheap"})
+    init_only: bool = field(default=False, metadata={"help": "train nothing (a sweep's shared_init run)"})
+    init_from: str = field(default="", metadata={"help": "a completed run directory, recorded in the metrics"})
 
 
 def matmul_flops_per_step(config: Config, variant: str) -> int:
@@ -44,6 +47,10 @@ def run(config: Config, ctx) -> Results:
     unknown = [v for v in config.variants if v not in VARIANTS]
     if unknown or not config.variants:
         raise UserError(f"--variants must be a non-empty subset of {','.join(VARIANTS)}, got {config.variants}")
+    if config.init_only:
+        return Results(metrics={"init_only": True})
+    if config.init_from and '"completed"' not in (Path(config.init_from) / "summary.json").read_text():
+        raise UserError(f"--init-from {config.init_from}: not a completed run")
     w_true_DH = np.random.default_rng(ctx.seed).normal(size=(config.width, config.hidden)).astype(np.float32)
 
     def data(index: int, outputs: int):
@@ -71,7 +78,7 @@ def run(config: Config, ctx) -> Results:
                       eval_every=config.eval_every)
         final[variant] = r.final_loss
         rows.append([variant, r.steps, r.spent_flops, r.final_loss])
-    return Results(metrics={"final_loss": final},
+    return Results(metrics={"final_loss": final, "init_from": config.init_from},
                    tables=[Table("Toy regression", ["variant", "steps", "FLOPs", "final loss"], rows)],
                    notes=["toy demo for the harness tests"])
 
