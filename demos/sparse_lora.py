@@ -39,7 +39,7 @@ from mgr.results import Results, Table
 from mgr.timing import interleaved
 from nanochat import train as nanochat
 from nanochat.checkpoint import read_meta, restore_arrays
-from nanochat.model import GPTConfig, loss_fn, rms_norm
+from nanochat.model import RECIPES, GPTConfig, loss_fn, rms_norm
 from nanochat.tokenizer import load_tokenizer
 
 TARGETS = {"q": ("attn", "c_q"), "k": ("attn", "c_k"), "v": ("attn", "c_v"), "o": ("attn", "c_proj"),
@@ -81,8 +81,11 @@ class Config:
 
 
 def nanochat_config(config: Config, data: str, lr: float) -> nanochat.Config:
+    """The base's nanochat config: the classic recipe, whose plain pre-norm block the block-by-block forward and
+    the exact step FLOPs below are written for."""
     return nanochat.Config(depth=config.depth, sequence_len=config.sequence_len, batch_size=config.batch_size,
-                           lr=lr, eval_tokens=config.eval_tokens, data=data, dtype=config.dtype, eval_every=0)
+                           lr=lr, eval_tokens=config.eval_tokens, data=data, dtype=config.dtype, eval_every=0,
+                           recipe="classic")
 
 
 def check_config(config: Config) -> None:
@@ -137,7 +140,7 @@ class Forward:
             a_BTD, _ = block.attn(rms_norm(x_BTD), cos_sin, implementation=m.attention)
             x_BTD = x_BTD + a_BTD
             x_BTD = x_BTD + self._mlp(block.mlp, rms_norm(x_BTD), i, keep).astype(x_BTD.dtype)
-        return m._head(x_BTD)
+        return m._head((x_BTD, x_BTD, None))  # (residual, x0, backout): the classic block has no x0/backout
 
     def _mlp(self, mlp, x_BTD, layer: int, keep: int | None):
         if keep is None:
@@ -232,6 +235,9 @@ def base_model(config: Config, ctx, tokenizer) -> tuple[Any, str]:
     if config.base:
         root, step, meta = read_meta(config.base)
         cfg = GPTConfig(**meta["model"])
+        classic = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+        if any(getattr(cfg, k) != classic[k] for k in RECIPES["current"]):
+            raise UserError(f"--base {config.base}: sparse-lora needs a --recipe classic base model")
         if cfg.vocab_size != tokenizer.vocab_size:
             raise UserError(f"--base {config.base}: vocabulary {cfg.vocab_size} differs from the byte tokenizer's "
                             f"{tokenizer.vocab_size}")

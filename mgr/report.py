@@ -102,12 +102,13 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
         for k, v in tree.items():
             out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
-    return {prefix: tuple(tree) if isinstance(tree, list) else tree}
+    # Lists read as the flag was written (1,2,3), not as a Python tuple.
+    return {prefix: ",".join(map(str, tree)) if isinstance(tree, list) else tree}
 
 
 def _params(run: RunData) -> dict[str, Any]:
     c = run.config
-    return {**_flat(c.get("config") or {}), "seed": c.get("seeds") and tuple(c["seeds"]) or c.get("seed"),
+    return {**_flat(c.get("config") or {}), "seed": c.get("seeds") and ",".join(map(str, c["seeds"])) or c.get("seed"),
             **{f"budget.{k}": v for k, v in (c.get("budget") or {}).items()}}
 
 

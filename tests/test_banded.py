@@ -95,7 +95,7 @@ def test_bandwidth_zero_is_nanochats_dense_mlp_and_banded_init_is_the_dense_band
 
 
 def test_flops_of_the_real_training_step_fall_with_density():
-    nc = nanochat.Config(depth=2, sequence_len=32, batch_size=2)
+    nc = nanochat.Config(depth=2, sequence_len=32, batch_size=2, recipe="classic")  # the analytic count's model
     cfg = nanochat.model_config(nc, vocab_size=257)
     x = jnp.zeros((2, 32), jnp.int32)
     batch = {"inputs_BT": x, "targets_BT": x}
@@ -134,7 +134,7 @@ def test_init_only_then_init_from_gives_every_run_the_same_band_of_one_model(tmp
     assert r["matmul_flops_per_step_measured"] / r["tokens_per_step"] == pytest.approx(
         r["flops_per_token_analytic"], rel=1e-3)
 
-    nc = nanochat.Config(depth=1, sequence_len=32, batch_size=4, fc1_bandwidth=64, fc2_bandwidth=128,
+    nc = nanochat.Config(depth=1, sequence_len=32, batch_size=4, fc1_bandwidth=64, fc2_bandwidth=128, recipe="classic",
                          init_from=str(init_dir))
     cfg = nanochat.model_config(nc, vocab_size=257)
     fresh = nnx.split(nanochat.build_model(nc, cfg, 0, mlp=banded_mlp(64, 128)), nnx.Param)[1]

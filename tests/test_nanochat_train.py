@@ -286,7 +286,7 @@ def test_lr_scale_in_the_state_equals_a_scaled_learning_rate():
 
     from nanochat import train as nc
     from nanochat.tokenizer import load_tokenizer
-    config = nc.Config(depth=1, sequence_len=16, batch_size=2, eval_tokens=32, weight_decay=0.1)
+    config = nc.Config(depth=1, sequence_len=16, batch_size=2, eval_tokens=32, weight_decay=0.1, recipe="classic")
     loader, _ = nc.build_data(config, 0, load_tokenizer("byte"))
     graphdef, params = nnx.split(nc.build_model(config, nc.model_config(config, loader.vocab_size), 0), nnx.Param)
     outs = []
