@@ -69,7 +69,7 @@ def test_completed_run_directory(run_toy):
     cfg = read_json(run_dir / "config.json")
     assert cfg["demo"] == "toy" and cfg["seed"] == 3 and cfg["budget"]["max_iterations"] == 7
     assert cfg["config"] == {"width": 12, "hidden": 32, "batch": 8, "lr": 0.05, "sleep_ms": 0.0, "eval_every": 5,
-                             "init": "zeros", "variants": list(VARIANTS)}
+                             "init": "zeros", "variants": list(VARIANTS), "init_from": "", "init_only": False}
 
     md = (run_dir / "run.md").read_text()
     assert "### Training (same budget for every variant)" in md
