@@ -35,7 +35,7 @@ def _copy(tree):
 
 def step_equivalence(grad_accum: int, layouts: dict[str, bool]) -> dict:
     """Two AdamW steps of the d1 model on one global batch: one device vs ``layouts`` (name -> fsdp)."""
-    config = nt.Config(depth=1, sequence_len=32, batch_size=8, grad_accum=grad_accum)
+    config = nt.Config(depth=1, sequence_len=32, batch_size=8, grad_accum=grad_accum, recipe="classic")
     cfg = nt.model_config(config, 257)
     graphdef, params = nnx.split(nt.build_model(config, cfg, SEED), nnx.Param)
     tx = nt.make_optimizer(config, params)
