@@ -117,6 +117,7 @@ def test_flops_of_the_real_training_step_fall_with_density():
     assert records[256, 0].flops < records[0, 0].flops and records[0, 256].flops < records[0, 0].flops
 
 
+@pytest.mark.slow
 def test_init_only_then_init_from_gives_every_run_the_same_band_of_one_model(tmp_path):
     code, init_dir = train(tmp_path, "init", "--init-only", "--seed", "5")
     assert code == 0

@@ -200,6 +200,7 @@ def test_a_truncated_layer_file_is_one_error_line_before_the_run(tmp_path, capsy
     assert not (tmp_path / "benches").exists()
 
 
+@pytest.mark.slow
 def test_earlier_bench_command_lines_run_unchanged(tmp_path, capsys):
     out = tmp_path / "results" / "matrix_approx_20251218_120000.json"
     argv = ["run", "matrix-approx", "--device", "auto", "--dtype", "float32", "--tokens", "64", "--dmodel", "16",

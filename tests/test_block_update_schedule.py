@@ -79,6 +79,7 @@ def test_time_to_full_updates_final_val_loss(equal_steps):
     assert "Time to full_update's final val loss" in (run_dir / "run.md").read_text()
 
 
+@pytest.mark.slow
 def test_seeds_pair_speedups_and_gaps(tmp_path):
     code, run_dir = _run(tmp_path, "seeds", "--max-iterations", "8", "--seeds", "0,1", "--schedules",
                          "full_update,static_suffix", "--timing-rounds", "0")
@@ -170,6 +171,7 @@ def test_equal_flops_budget_gives_freezing_more_steps(tmp_path):
     assert s["budget"]["variants"]["static_suffix"]["steps"] > s["budget"]["variants"]["full_update"]["steps"]
 
 
+@pytest.mark.slow
 def test_frozen_rows_and_their_optimizer_state_stay_bitwise():
     config = bus.check_config(bus.Config(model="resmlp", depth=L, width=16, batch_size=32, eval_tokens=64))
     task = bus.resmlp_task(config, bus.nanochat_config(config), seed=0, train_rows=256)

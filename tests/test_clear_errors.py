@@ -53,6 +53,7 @@ def test_a_summary_with_a_mistyped_field_deep_inside_is_one_line(tmp_path, capsy
     assert "wrong type" in one_error_line(capsys)
 
 
+@pytest.mark.slow
 def test_throughput_bench_with_only_warmup_steps_reports_cleanly(tmp_path, capsys):
     from bench import nanochat_throughput
     assert nanochat_throughput.main(["--depths", "1", "--steps", "1", "--sequence-len", "32", "--batch-size", "2",

@@ -46,6 +46,7 @@ def check_trained(tmp_path):
     return s
 
 
+@pytest.mark.slow
 def test_with_the_shards_served_it_trains_into_the_nested_topic(tmp_path, monkeypatch, server):
     """The command with smaller sizes appended (later flags win), so the default suite stays fast."""
     monkeypatch.chdir(tmp_path)

@@ -65,6 +65,7 @@ class RecordingMLP(ReluSquaredMLP):
         return super().__call__(x_BTD)
 
 
+@pytest.mark.slow
 def test_mlp_inputs_match_what_each_block_mlp_reads():
     cfg = GPTConfig.from_depth(2, vocab_size=50, sequence_len=16)
     model = GPT(cfg, rngs=nnx.Rngs(0))
@@ -111,6 +112,7 @@ def test_structured_inputs_read_a_run_directory(run_dir):
         S.make_mlp_problem(0, 8, 16, S.InputSpec(from_checkpoint=str(run_dir), checkpoint_layer=-1))
 
 
+@pytest.mark.slow
 def test_bench_runs_on_the_checkpoint_layer(run_dir, tmp_path, capsys):
     code = mgr_main(["run", "matrix-approx", "--from-checkpoint", str(run_dir), "--artifacts-dir", str(tmp_path),
                      "--run-id", "ck", *BENCH])

@@ -225,6 +225,7 @@ def test_task_targets_and_loss_positions():
     assert not np.array_equal(mg.tokens_for(cfg, (0,), 1, 5), a[:1])  # eval stream differs from training
 
 
+@pytest.mark.slow
 def test_seed_sweep_pairs_each_seed_with_its_params_and_batch():
     cfg = small_config()
     opt = optax.adam(cfg.lr)
@@ -289,6 +290,7 @@ def test_bad_flags_are_one_error_line(tmp_path, capsys, flags, message):
     assert not (tmp_path / "demos").exists()  # checked before the run directory is made
 
 
+@pytest.mark.slow
 def test_a_budget_spent_before_the_first_step_reports_cleanly_and_says_it_is_a_smoke_test(tmp_path, capsys):
     code = main(["run", "matrix-gauge", "--time-budget", "1e-9", "--eval-every", "0", "--seq-len", "8",
                  "--d-model", "8", "--mlp-hidden", "8", "--eval-batches", "1", "--artifacts-dir", str(tmp_path),

@@ -164,6 +164,7 @@ def test_logit_softcap_bounds_logits():
     assert np.abs(logits).max() > 14.9  # the raw logits are far beyond the cap, so it is active
 
 
+@pytest.mark.slow
 def test_scan_equals_unrolled_forward_and_grads():
     idx = tokens()
     np.testing.assert_allclose(logits_of(make(), idx), logits_of(make(scan_layers=False), idx), rtol=1e-5, atol=1e-5)

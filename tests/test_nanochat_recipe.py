@@ -132,6 +132,7 @@ def test_gates_at_init_known_values():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_parts_at_identity_values_equal_the_classic_model():
     """resid 1, x0 0, smear 0, backout 0 and zero value embeddings, with qk scale 1, no windows and the classic rope:
     the current model computes exactly the classic forward from the same block weights."""
@@ -241,6 +242,7 @@ def test_padded_vocab_is_invisible_to_loss_and_sampling():
 
 # --- decoding with smear and windows ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_kv_cached_greedy_equals_full_recompute_current():
     """The cached path must smear the chunk's first token with the previous one and window its keys as training
     does: 130 tokens, past the 129-key window."""
@@ -251,6 +253,7 @@ def test_kv_cached_greedy_equals_full_recompute_current():
     np.testing.assert_array_equal(np.argmax(logits[:, 4:], -1), out[:, 5:])
 
 
+@pytest.mark.slow
 def test_scan_and_unrolled_agree_current():
     idx = tokens(2, CUR4.sequence_len)
     a, b = model(CUR4)(idx), model(CUR4, scan_layers=False)(idx)

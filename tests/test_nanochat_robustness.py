@@ -55,6 +55,7 @@ def test_token_ids_beyond_a_named_vocab_are_one_line_naming_both(tmp_path, capsy
     assert not (tmp_path / "nanochat").exists()
 
 
+@pytest.mark.slow
 def test_token_ids_beyond_the_byte_tokenizer_train_on_ids(tmp_path):
     """A GPT-2-tokenised nanoGPT train.bin with the default byte tokenizer: vocab from the data, no bpb, samples
     as ids, and the run completes (it used to fail at the final sample)."""
@@ -88,6 +89,7 @@ def test_gpt2_vocab_and_merges_load_offline(tmp_path):
     assert tok.token_bytes[256] == 2 and tok.token_bytes[257] == 0
 
 
+@pytest.mark.slow
 def test_interrupt_saves_a_checkpoint_sigterm_exits_143_and_the_run_resumes(tmp_path, monkeypatch, capsys):
     from mgr.launcher import Terminated
     from nanochat.data.loader import Loader
