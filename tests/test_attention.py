@@ -10,7 +10,7 @@ import pytest
 from demos.attention_backends import GPU_PRESET, Config
 from mgr.cli import main
 from mgr.errors import UserError
-from mgr.flops import attention_flops, compile_and_count, count_flops
+from mgr.flops import attention_flops, count_flops
 from mgr.methods import attention as A
 from tests.conftest import one_error_line, read_json
 

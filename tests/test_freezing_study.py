@@ -4,7 +4,6 @@ run end to end through mgr sweep + mgr report."""
 import json
 
 import numpy as np
-import pytest
 
 from mgr.cli import main
 from mgr.report import Report, load, tradeoff_section
